@@ -1,0 +1,1 @@
+"""The `bitfleet` command line."""

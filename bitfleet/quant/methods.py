@@ -1,0 +1,202 @@
+"""Local training methods (DESIGN section 3, paper 003): one small class per method.
+
+A method decides how a device's copy of the model is trained and how it is turned into a
+b-bit model afterwards. The training loop only calls these hooks, so every method runs
+through the same loop on the board, in the simulator and in the benchmarks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .fake_quant import FLOAT_BITS, check_bits
+from .modules import (
+    freeze_steps,
+    init_steps,
+    quant_layers,
+    quantize_model,
+    set_bits,
+    set_mode,
+    set_scale_method,
+    unfreeze_steps,
+)
+
+STEP_MODES = ("frozen", "learned", "dynamic")
+"""How QAT gets its step: fixed per round, learned (LSQ), or recalibrated every step."""
+
+
+def _check_step_mode(mode: str) -> str:
+    if mode not in STEP_MODES:
+        raise ValueError(f"unknown step mode {mode!r}; known: {list(STEP_MODES)}")
+    return mode
+
+
+@dataclass
+class LocalMethod:
+    """Train in float; quantize with calibrated per-channel scales when deployed (`fp`).
+
+    `scale_method` is the calibrator used wherever no learned step exists.
+    """
+
+    scale_method: str = "mse"
+    name = "fp"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Make the model quantization-aware once, before the first local step."""
+        if not quant_layers(model):
+            quantize_model(model, FLOAT_BITS, scale_method=self.scale_method)
+        return model
+
+    def begin_round(self, model: nn.Module, rng: random.Random) -> None:
+        """Called once per federated round (or per epoch in centralised training)."""
+
+    def before_step(self, model: nn.Module, rng: random.Random) -> None:
+        """Called before every optimiser step."""
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        """Extra loss term added to the task loss, or None."""
+        return None
+
+    def deploy(self, model: nn.Module, bits: int) -> nn.Module:
+        """Put the trained model in the state that is evaluated and exported at `bits`.
+
+        Steps frozen or learned in training stay: they are the grid the weights were trained
+        onto. Other bit-widths are calibrated from the weights by `scale_method`.
+        """
+        set_mode(model, "quant")
+        set_scale_method(model, self.scale_method)
+        set_bits(model, check_bits(bits))
+        return model
+
+
+@dataclass
+class PTQ(LocalMethod):
+    """Post-training quantization: float training, scales calibrated at deploy time.
+
+    Locally identical to `fp`; it is a separate name because the coordinator assigns it and
+    accounts for its calibration cost, and because `fp` devices never deploy below float.
+    """
+
+    name = "ptq"
+
+
+@dataclass
+class QAT(LocalMethod):
+    """Quantization-aware training at a fixed bit-width, straight-through estimator.
+
+    `step` is "frozen" (calibrated by `scale_method` at each round start, then fixed: the
+    cheapest per step), "learned" (LSQ, initialised by `scale_method`) or "dynamic"
+    (recalibrated every step: affordable with max-abs, slow with MSE).
+    """
+
+    bits: int = 4
+    step: str = "frozen"
+    name = "qat"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        check_bits(self.bits)
+        _check_step_mode(self.step)
+        super().prepare(model)
+        set_scale_method(model, self.scale_method)
+        if self.step == "learned":
+            init_steps(model, [self.bits], self.scale_method)
+        set_bits(model, self.bits)
+        return model
+
+    def begin_round(self, model: nn.Module, rng: random.Random) -> None:
+        if self.step == "frozen":
+            unfreeze_steps(model)
+            freeze_steps(model, [self.bits])
+
+
+@dataclass
+class MQAT(LocalMethod):
+    """Multi-bit QAT (paper 003, Algorithm 2): a bit-width drawn from `bit_set` per round.
+
+    Steps per bit-width are frozen per round or learned (then shared through FedAvg), as in
+    QAT. `resample="step"` draws per optimiser step, for centralised training in one "round".
+    """
+
+    bit_set: Sequence[int] = field(default_factory=lambda: (2, 3, 4, 6, 8))
+    resample: str = "round"
+    step: str = "frozen"
+    name = "mqat"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.resample not in ("round", "step"):
+            raise ValueError(f"resample must be 'round' or 'step', got {self.resample!r}")
+        if not self.bit_set:
+            raise ValueError("MQAT needs a non-empty bit_set")
+        _check_step_mode(self.step)
+        super().prepare(model)
+        set_scale_method(model, self.scale_method)
+        if self.step == "learned":
+            init_steps(model, self.bit_set, self.scale_method)
+        return model
+
+    def _draw(self, model: nn.Module, rng: random.Random) -> None:
+        set_bits(model, rng.choice(list(self.bit_set)))
+
+    def begin_round(self, model: nn.Module, rng: random.Random) -> None:
+        if self.step == "frozen":
+            unfreeze_steps(model)
+            freeze_steps(model, self.bit_set)
+        if self.resample == "round":
+            self._draw(model, rng)
+
+    def before_step(self, model: nn.Module, rng: random.Random) -> None:
+        if self.resample == "step":
+            self._draw(model, rng)
+
+
+@dataclass
+class APQN(LocalMethod):
+    """Additive pseudo-quantization noise U[-s/2, s/2] at `bits` (paper 003, Eq. 8)."""
+
+    bits: int = 4
+    name = "apqn"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        super().prepare(model)
+        set_bits(model, check_bits(self.bits))
+        set_mode(model, "noise")
+        return model
+
+
+def kurtosis(w: torch.Tensor) -> torch.Tensor:
+    """E[((w - mu) / sigma)^4]: 1.8 for a uniform distribution, 3 for a Gaussian."""
+    z = (w - w.mean()) / (w.std() + 1e-8)
+    return (z**4).mean()
+
+
+@dataclass
+class KURE(LocalMethod):
+    """Kurtosis regularisation towards a uniform weight distribution (paper 003, Eq. 5-6)."""
+
+    strength: float = 0.1
+    target: float = 1.8
+    name = "kure"
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        layers = list(quant_layers(model).values())
+        terms = [(kurtosis(m.weight) - self.target) ** 2 for m in layers]
+        return self.strength * torch.stack(terms).mean()
+
+
+METHODS: dict[str, type[LocalMethod]] = {
+    cls.name: cls for cls in (LocalMethod, PTQ, QAT, MQAT, APQN, KURE)
+}
+
+
+def make_method(name: str, **options: object) -> LocalMethod:
+    """Build a local method by name; an unknown name lists the known ones."""
+    try:
+        cls = METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown local method {name!r}; known: {sorted(METHODS)}") from None
+    return cls(**options)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""coordinator: what runs on the server. Filled in by the fleet issue."""

@@ -1,0 +1,1 @@
+"""edge_agent: what runs on the board. Filled in by the fleet issue."""

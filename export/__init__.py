@@ -1,0 +1,1 @@
+"""export: quantized ONNX out. Filled in by the export issue."""
