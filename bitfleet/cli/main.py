@@ -7,8 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
-from . import bench
+from .. import __version__, plugins
+from . import bench, profile
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     bench.add_parser(sub)
+    profile.add_parser(sub)
+    # The roles (agent, coordinator, demo) register their commands as entry points.
+    for add_role_parser in plugins.load_all("bitfleet.commands").values():
+        add_role_parser(sub)
     return parser
 
 
@@ -39,7 +43,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (FileNotFoundError, ValueError, KeyError, PermissionError) as exc:
+    except (
+        FileNotFoundError,
+        ValueError,
+        KeyError,
+        PermissionError,
+        TimeoutError,
+        ConnectionError,
+        LookupError,
+    ) as exc:
         # Errors a user can fix (missing data, bad values): the message, not a traceback.
         if args.verbose:
             raise

@@ -8,6 +8,7 @@ a property of the forward pass at the module's current bit-width.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from copy import deepcopy
 
 import torch
 import torch.nn.functional as F
@@ -271,3 +272,34 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         for q in quantizers:
             q.calibrating = False
         model.train(was_training)
+
+
+@torch.no_grad()
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A plain float copy whose Conv2d/Linear weights are Q(w, b) at each layer's bits.
+
+    What an exporter or an evaluator without fake-quant ops needs: the same numbers the
+    quantization-aware model computes, in ordinary modules.
+    """
+    copy = deepcopy(model).eval()
+    for name, layer in quant_layers(copy).items():
+        if isinstance(layer, QuantConv2d):
+            plain: nn.Module = nn.Conv2d(
+                layer.in_channels,
+                layer.out_channels,
+                layer.kernel_size,
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                groups=layer.groups,
+                bias=layer.bias is not None,
+                padding_mode=layer.padding_mode,
+            )
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        plain.weight = nn.Parameter(layer.quantized_weight().detach().clone())
+        if layer.bias is not None:
+            plain.bias = nn.Parameter(layer.bias.detach().clone())
+        parent_name, _, child = name.rpartition(".")
+        setattr(copy.get_submodule(parent_name) if parent_name else copy, child, plain.eval())
+    return copy

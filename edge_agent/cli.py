@@ -1,0 +1,75 @@
+"""`bitfleet agent run`: the board's side of the fleet, as a long-running command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+
+from bitfleet.protocol import parse_broker_url
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    agent = sub.add_parser("agent", help="run the agent on a board (or a virtual board)")
+    actions = agent.add_subparsers(dest="agent_command", metavar="ACTION", required=True)
+    run = actions.add_parser(
+        "run",
+        help="profile this board, register, train what the coordinator assigns, get the model",
+        description="Connects to the broker, measures this board, registers with its data "
+        "summary (never samples), trains each task with its assigned strategy and bits, uploads "
+        "updates, and stores the final quantized ONNX model. Reconnects on broker loss.",
+    )
+    run.add_argument(
+        "--broker", required=True, metavar="URL", help="mqtt://[user:pass@]host[:port] or mqtts://"
+    )
+    run.add_argument(
+        "--data",
+        required=True,
+        metavar="DIR|NAME:I/N",
+        help="a folder with this device's data (IDX files of --dataset), or part I of N of a "
+        "named data set for a virtual device, e.g. fashion-mnist:0/6",
+    )
+    run.add_argument("--dataset", default="fashion-mnist", help="data set format of --data DIR")
+    run.add_argument("--device-id", help="default: a stable id kept in --state-dir")
+    run.add_argument("--profile", default="auto", help="board profile name, or auto (detect)")
+    run.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet"])
+    run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha for NAME:I/N")
+    run.add_argument("--partition-seed", type=int, default=0)
+    run.add_argument("--fleet", default="default", help="fleet name (topic prefix)")
+    run.add_argument("--out-dir", default="bitfleet-models", help="where the final model goes")
+    run.add_argument("--state-dir", help="where the device id is kept")
+    run.add_argument("--ca-file", help="CA certificate for mqtts://")
+    run.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    run.add_argument(
+        "--no-step-measure", action="store_true", help="skip measuring step times at start"
+    )
+    run.add_argument(
+        "--exit-after-model", action="store_true", help="exit once the final model arrived"
+    )
+    run.set_defaults(run=run_agent)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from .agent import AgentOptions, EdgeAgent
+
+    parse_broker_url(args.broker)  # a bad URL fails before any slow set-up
+    agent = EdgeAgent(
+        AgentOptions(
+            broker=args.broker,
+            data=args.data,
+            device_id=args.device_id,
+            dataset=args.dataset,
+            partition=args.partition,
+            alpha=args.alpha,
+            partition_seed=args.partition_seed,
+            profile=args.profile,
+            out_dir=args.out_dir,
+            state_dir=args.state_dir,
+            fleet=args.fleet,
+            ca_file=args.ca_file,
+            measure_steps=not args.no_step_measure,
+            exit_after_model=args.exit_after_model,
+            threads=args.threads,
+        )
+    )
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    return agent.run()

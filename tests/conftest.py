@@ -1,0 +1,116 @@
+"""Shared fixtures: a real Mosquitto broker per test, on a free port with its own config."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+#: Big enough for a 1 MiB chunk plus its header; bigger single messages are a bug to catch.
+BROKER_MAX_PACKET = 2 * 1024 * 1024
+
+
+def _find_mosquitto() -> str | None:
+    for candidate in (
+        os.environ.get("MOSQUITTO"),
+        "/usr/sbin/mosquitto",
+        shutil.which("mosquitto"),
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Mosquitto:
+    """A mosquitto process bound to 127.0.0.1:`port`; `restart()` keeps the port."""
+
+    def __init__(self, binary: str, directory: Path) -> None:
+        self.binary = binary
+        self.port = _free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.config = directory / "mosquitto.conf"
+        self.log_path = directory / "mosquitto.log"
+        self.config.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            f"max_packet_size {BROKER_MAX_PACKET}\n"
+            "log_dest stderr\n"
+            "log_type error\n"
+            "log_type warning\n"
+            "log_type notice\n"
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.process is not None:
+            raise RuntimeError("mosquitto is already running")
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while not _accepts(self.port):
+            code = self.process.poll()
+            if code is not None or time.monotonic() > deadline:
+                self.stop()
+                why = f"exited with code {code}" if code is not None else f"not up in {timeout} s"
+                pytest.fail(f"mosquitto on port {self.port} {why}; its log:\n{self.log()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Terminate the broker (clients see the connection drop); a no-op if not running."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A fresh broker for one test; skipped without mosquitto unless CI=true, where it fails."""
+    binary = _find_mosquitto()
+    if binary is None:
+        message = "mosquitto not installed (apt-get install mosquitto, or set MOSQUITTO=path)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    broker = Mosquitto(binary, tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
