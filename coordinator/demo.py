@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "device into --out.",
     )
     demo.add_argument("--devices", type=int, default=6, help="number of agents (default 6)")
-    demo.add_argument("--rounds", type=int, default=8, help="federated rounds (default 8)")
+    demo.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     demo.add_argument("--local-epochs", type=float, default=1.0, help="per round (default 1)")
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (default 0.5)")
     demo.add_argument(

@@ -247,3 +247,42 @@ def _to_toml(d: dict) -> str:
             else:
                 lines.append(f"{k} = {v}")
     return "\n".join(lines) + "\n"
+
+
+def test_demo_on_the_embedded_broker_writes_its_outputs(tiny_data, tmp_path: Path) -> None:
+    """`bitfleet demo` end to end (embedded amqtt broker, 2 agent processes, 1 round)."""
+    import json
+
+    out = tmp_path / "demo"
+    summary = tmp_path / "demo.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bitfleet",
+            "demo",
+            "--devices",
+            "2",
+            "--rounds",
+            "1",
+            "--out",
+            str(out),
+            "--json",
+            str(summary),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "round 1/1" in done.stdout and "Traceback" not in done.stderr
+    result = json.loads(summary.read_text())
+    keys = {"devices", "rounds_completed", "final_acc_fp32", "final_acc_deploy", "deploy_bits"}
+    keys |= {"onnx_files", "coordinator_overhead_s", "round_seconds"}
+    assert keys <= set(result)
+    assert result["devices"] == 2 and result["rounds_completed"] == 1
+    assert len(result["onnx_files"]) == 2
+    for row in result["per_device"]:
+        assert abs(row["acc_onnx"] - result["final_acc_deploy"][str(row["bits"])]) <= 0.02
+    for name in ("report.md", "metrics.jsonl", "accuracy.png", "devices.png"):
+        assert (out / name).stat().st_size > 0
