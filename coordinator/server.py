@@ -7,6 +7,7 @@ stays O(model): updates are folded into a running mean as they arrive and then d
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import queue
@@ -47,6 +48,9 @@ from .state import StateStore
 from .strategies import RunningMean, make_strategy
 
 log = logging.getLogger(__name__)
+
+EXPORT_CALIB_SAMPLES = 256
+"""Training images that calibrate the exported models' activation ranges."""
 
 MAX_CONCURRENT_UPLOADS = 4096
 """Partial uploads held at once: at least the devices of a round, which upload together."""
@@ -106,6 +110,8 @@ class Coordinator:
         self._check_same_job()
         self.job_id = self.store.get_meta("job_id") or uuid.uuid4().hex[:12]
         self.store.set_meta("job_id", self.job_id)
+        # Beside the checkpoints, so `bitfleet export --checkpoint STATE_DIR` knows the job.
+        (self.state_dir / "job.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.spec = DATASET_SPECS[cfg.data.dataset]
         self._data = data
         self.method = make_method(cfg.allocation.strategy, **self._method_options())
@@ -450,37 +456,44 @@ class Coordinator:
         return min(fitting) if fitting else max(self.cfg.deploy.bits)
 
     def _export_models(self) -> dict[str, Path]:
-        exporter = plugins.load("bitfleet.exporters", "plain")
+        exporter = plugins.load("bitfleet.exporters", "onnx")
         out_dir = self.state_dir / "exports"
-        files: dict[str, Path] = {}
-        last_round = self.reports[-1].round if self.reports else None
-        by_bits: dict[int, Path] = {}
+        last = self.reports[-1] if self.reports else None
+        calib = self.data.train_x[:EXPORT_CALIB_SAMPLES].float().div(255).numpy()
+        shape = (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
+        by_kind: dict[tuple[int, str], Path] = {}
         for device in self.store.devices():
             bits = self.device_bits(device.profile)
-            if bits not in by_bits:
+            storage = device.profile.get("board", {}).get("preferred_storage", "int8")
+            if (bits, storage) not in by_kind:
                 model = self._new_model()
                 model.load_state_dict(self.global_state)
                 self.method.deploy(model, bits)
-                by_bits[bits] = exporter(
+                name = f"{self.cfg.model.name}-{bits}bit-{storage}.onnx"
+                by_kind[bits, storage] = exporter(
                     model,
-                    out_dir / f"{self.cfg.model.name}-{bits}bit.onnx",
-                    (self.spec.in_channels, self.spec.image_size, self.spec.image_size),
-                    {
+                    out_dir / name,
+                    shape,
+                    storage=storage,
+                    activations=storage == "int8",
+                    calib=calib,
+                    metadata={
                         "strategy": self.cfg.allocation.strategy,
-                        "source_round": last_round,
+                        "source_round": last.round if last else None,
                         "job_id": self.job_id,
+                        "accuracy_pytorch": last.acc_deploy.get(str(bits)) if last else None,
                         "class_labels": list(self.spec.class_names),
                     },
-                )
-            files[device.id] = by_bits[bits]
+                ).path
+            path = by_kind[bits, storage]
+            self.exported[device.id] = path
             meta = {
                 "job_id": self.job_id,
                 "bits": bits,
-                "storage": "float32",
-                "filename": f"{self.job_id}-{self.cfg.model.name}-{bits}bit.onnx",
+                "storage": storage,
+                "filename": f"{self.job_id}-{path.name}",
             }
-            chunks = split_payload("model", make_message("model", meta), by_bits[bits].read_bytes())
+            chunks = split_payload("model", make_message("model", meta), path.read_bytes())
             assert self.transport is not None
             self.transport.publish_many(self.topics.model(device.id), chunks)
-        self.exported = files
-        return files
+        return self.exported

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import plugins
 from ..progress import Progress
 from .output import write_json
 
@@ -35,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     quant.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     quant.set_defaults(run=run_quant)
+    # Benchmarks of the roles (e.g. `bench export`) register as entry points.
+    for add_role_bench in plugins.load_all("bitfleet.benches").values():
+        add_role_bench(kinds)
 
 
 def run_quant(args: argparse.Namespace) -> int:

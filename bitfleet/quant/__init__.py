@@ -1,6 +1,6 @@
 """One quantizer for training, evaluation and export (DESIGN section 3)."""
 
-from .activation import ActivationQuantizer
+from .activation import ActivationQuantizer, affine_qparams
 from .fake_quant import (
     FLOAT_BITS,
     SUPPORTED_BITS,
@@ -55,6 +55,7 @@ __all__ = [
     "LocalMethod",
     "QuantConv2d",
     "QuantLinear",
+    "affine_qparams",
     "calibrate_activations",
     "dequantized_copy",
     "check_bits",

@@ -10,6 +10,21 @@ import torch
 from torch import nn
 
 
+def affine_qparams(lo: float, hi: float, bits: int = 8, signed: bool = False) -> tuple[float, int]:
+    """(scale, zero_point) of a per-tensor grid covering [lo, hi] with zero exactly on it.
+
+    Shared by training-time fake-quant and the ONNX exporter, so both put activations on the
+    same grid.
+    """
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        return max(max(abs(lo), abs(hi)) / qmax, 1e-12), 0
+    qmin, qmax = 0, 2**bits - 1
+    scale = max((hi - lo) / (qmax - qmin), 1e-12)
+    return scale, int(round(qmin - lo / scale))
+
+
 class ActivationQuantizer(nn.Module):
     """Observes the running min/max while `calibrating`, fake-quantizes once calibrated."""
 
@@ -31,17 +46,12 @@ class ActivationQuantizer(nn.Module):
         """(scale, zero_point, qmin, qmax) of the observed range, zero always representable."""
         if not self.calibrated:
             raise RuntimeError("activation quantizer used before calibration; run calibrate()")
-        lo = min(float(self.lo), 0.0)
-        hi = max(float(self.hi), 0.0)
+        scale, zero_point = affine_qparams(float(self.lo), float(self.hi), self.bits, self.signed)
         if self.signed:
             qmin, qmax = -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-            scale = max(abs(lo), abs(hi)) / qmax
-            zero_point = 0
         else:
             qmin, qmax = 0, 2**self.bits - 1
-            scale = (hi - lo) / (qmax - qmin)
-            zero_point = int(round(qmin - lo / scale)) if scale > 0 else 0
-        return max(scale, 1e-12), zero_point, qmin, qmax
+        return scale, zero_point, qmin, qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:

@@ -1,0 +1,176 @@
+"""Quantized ONNX export: round trips in onnxruntime, packed integers, metadata, bad requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from bitfleet.cli.main import main
+from bitfleet.models import create_model
+from bitfleet.models.normalize import Normalize
+from bitfleet.profiles import ProfileError
+from bitfleet.quant import PTQ, quant_layers, quantize_to_int
+from export.api import export_model
+from export.checkpoint_model import load_for_export
+from export.runtime import run_batches, session
+
+SHAPE = (1, 12, 12)
+
+
+class Tiny(nn.Module):
+    """Conv + BatchNorm + ReLU + pool + Linear: every pattern the exporter rewrites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normalize = Normalize((0.5,), (0.25,))
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.relu(self.bn(self.conv(self.normalize(x)))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def tiny(bits: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = Tiny()
+    with torch.no_grad():  # a trained-looking BatchNorm, so folding is not a no-op
+        model.bn.weight.uniform_(0.5, 2.0)
+        model.bn.bias.uniform_(-0.5, 0.5)
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    method = PTQ(scale_method="mse")
+    method.prepare(model)
+    return method.deploy(model, bits)
+
+
+def pixels(n: int = 64) -> np.ndarray:
+    return np.random.default_rng(1).random((n, *SHAPE), dtype=np.float32)
+
+
+def torch_logits(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("storage", ["int8", "packed"])
+def test_weight_only_round_trip_matches_pytorch(bits: int, storage: str, tmp_path: Path) -> None:
+    model = tiny(bits)
+    result = export_model(model, tmp_path / "m.onnx", SHAPE, storage=storage, activations=False)
+    x = pixels()
+    out = run_batches(session(str(result.path)), x)
+    np.testing.assert_allclose(out, torch_logits(model, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_integer_kernels_stay_close_to_pytorch(bits: int, tmp_path: Path) -> None:
+    model = tiny(bits)
+    x = pixels(256)
+    result = export_model(
+        model, tmp_path / "m.onnx", SHAPE, activations=True, calib=x, float_layers=set()
+    )
+    out = run_batches(session(str(result.path)), x)
+    ref = torch_logits(model, x)
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.95
+    assert np.abs(out - ref).max() < 0.1 * np.abs(ref).max()
+    ops = {n.op_type for n in onnx.load(result.path).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_packed_initializers_hold_exactly_the_pytorch_integers(bits: int, tmp_path: Path) -> None:
+    model = tiny(bits)
+    result = export_model(model, tmp_path / "m.onnx", SHAPE, storage="packed", activations=False)
+    proto = onnx.load(result.path)
+    inits = {t.name: t for t in proto.graph.initializer}
+    expect_type = onnx.TensorProto.INT2 if bits == 2 else onnx.TensorProto.INT4
+    for name, layer in quant_layers(model).items():
+        stored = inits[f"{name}.wq"]
+        assert stored.data_type == expect_type
+        ints = quantize_to_int(layer.weight, layer.step(), bits).numpy()
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(stored).astype(np.int8), ints)
+        assert len(stored.raw_data) == -(-ints.size * (2 if bits == 2 else 4) // 8)  # packed
+
+
+def test_metadata_and_self_contained_input(tmp_path: Path) -> None:
+    model = tiny(4)
+    result = export_model(
+        model,
+        tmp_path / "m.onnx",
+        SHAPE,
+        storage="packed",
+        activations=False,
+        metadata={"strategy": "qat", "source_round": 7, "class_labels": list("abcde")},
+    )
+    proto = onnx.load(result.path)
+    onnx.checker.check_model(proto)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["bitfleet.bits_per_layer"]) == {"conv": 4, "fc": 4}
+    assert props["bitfleet.storage"] == "packed"
+    assert props["bitfleet.strategy"] == "qat" and props["bitfleet.source_round"] == "7"
+    assert json.loads(props["bitfleet.class_labels"]) == list("abcde")
+    assert "[0, 1]" in props["bitfleet.input"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == list(SHAPE)
+    assert {"Sub", "Div"} <= {n.op_type for n in proto.graph.node}  # normalisation inside
+
+
+def test_bad_requests_fail_with_clear_messages(tmp_path: Path) -> None:
+    ckpt = tmp_path / "lenet.safetensors"
+    lenet = create_model("lenet5")
+    save_file({k: v.contiguous() for k, v in lenet.state_dict().items()}, str(ckpt))
+    for bits in (1, 9):
+        with pytest.raises(ValueError, match="bits"):
+            load_for_export(ckpt, "lenet5", "fashion-mnist", bits=bits)
+    with pytest.raises(ProfileError, match="rpi9"):
+        load_for_export(ckpt, "lenet5", "fashion-mnist", device="rpi9")
+    with pytest.raises(ValueError, match="does not fit small_cnn"):
+        load_for_export(ckpt, "small_cnn", "fashion-mnist", bits=4)
+    with pytest.raises(ValueError, match="storage"):
+        export_model(tiny(4), tmp_path / "x.onnx", SHAPE, storage="int3")
+
+
+def test_device_profile_picks_bits_and_storage(tmp_path: Path) -> None:
+    ckpt = tmp_path / "lenet.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in create_model("lenet5").state_dict().items()}, str(ckpt)
+    )
+    pi4 = load_for_export(ckpt, "lenet5", "fashion-mnist", device="rpi4")
+    pi5 = load_for_export(ckpt, "lenet5", "fashion-mnist", device="rpi5")
+    assert (pi4.bits, pi4.storage, pi4.activations) == (2, "packed", False)
+    assert (pi5.bits, pi5.storage, pi5.activations) == (8, "int8", True)
+
+
+def test_cli_exports_and_verifies_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli import write_idx
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 300), ("t10k", 200)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.setenv("BITFLEET_DATA_DIR", str(tmp_path))
+    ckpt = tmp_path / "lenet.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in create_model("lenet5").state_dict().items()}, str(ckpt)
+    )
+    out = tmp_path / "m.onnx"
+    code = main(["export", "--checkpoint", str(ckpt), "--device", "rpi4", "--out", str(out),
+                 "--verify", "--verify-samples", "200"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "2-bit weights, packed storage" in printed and "top-1 agreement 1.0000" in printed
+    assert out.stat().st_size > 0
