@@ -32,6 +32,7 @@ OPSET_INT2 = 25
 STORAGES = ("int8", "packed")
 _TIED = {"MaxPool", "Flatten", "Reshape", "Identity"}
 """Ops that move values without changing them: their output shares the input's grid."""
+_POOLED = {"GlobalAveragePool", "AveragePool"}
 
 
 @dataclass
@@ -311,6 +312,10 @@ def activation_tensors(model: onnx.ModelProto, plan: ExportPlan) -> tuple[set[st
         out = after_relu(node.output[0])
         if out not in outputs:
             chosen.add(out)
+    # Pooling that averages needs its own grid, so onnxruntime runs QLinearGlobalAveragePool.
+    for node in g.node:
+        if node.op_type in _POOLED and node.input[0] in chosen and node.output[0] not in outputs:
+            chosen.add(node.output[0])
     tied: dict[str, str] = {}
     changed = True
     while changed:  # grids flow through value-preserving ops between quantized tensors
