@@ -114,3 +114,55 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         yield broker
     finally:
         broker.stop()
+
+
+# -- a broker with a provisioned fleet (`bitfleet coordinator provision`): TLS, passwords, ACL --
+
+
+class SecureMosquitto(Mosquitto):
+    """Mosquitto started with the config `coordinator.provision` wrote, on a free port.
+
+    `fleet` holds the accounts: `fleet.url(device_id)`, `fleet.coordinator_url`, `fleet.ca_file`.
+    Listens on 127.0.0.1 only; clients may use `localhost` or `127.0.0.1`, both are in the
+    server certificate.
+    """
+
+    def __init__(self, binary: str, directory: Path, devices: int = 3) -> None:
+        from coordinator.provision import provision
+
+        self.binary = binary
+        self.port = _free_port()
+        self.fleet = provision(
+            "test",
+            devices,
+            directory / "fleet",
+            hosts=["localhost"],
+            port=self.port,
+            bind="127.0.0.1",
+        )
+        self.url = self.fleet.coordinator_url
+        self.config = self.fleet.conf
+        self.log_path = directory / "mosquitto.log"
+        if os.geteuid() == 0:
+            # Started by root, Mosquitto drops to the `mosquitto` user, which cannot read the
+            # 0600 files in pytest's private tmp directory; a real server chowns them instead.
+            with self.config.open("a") as conf:
+                conf.write("user root\n")
+        self.process = None
+
+
+@pytest.fixture
+def secure_mosquitto(tmp_path: Path) -> Iterator[SecureMosquitto]:
+    """A fresh provisioned broker (3 devices) for one test; skip/fail as `mosquitto` does."""
+    binary = _find_mosquitto()
+    if binary is None:
+        message = "mosquitto not installed (apt-get install mosquitto, or set MOSQUITTO=path)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    broker = SecureMosquitto(binary, tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -1,0 +1,534 @@
+"""Credentials and broker configuration for one fleet: `bitfleet coordinator provision`.
+
+A fleet's broker is reachable by strangers' devices, so it runs with TLS only, no anonymous
+access, a password per board, and an ACL under which a board may publish only under its own id
+and read only its own assignments, tasks and model (DESIGN section 2). Writing those files by hand
+(openssl, mosquitto_passwd, an ACL) is where fleets get it wrong, so this module writes all of
+them in one step, into one directory:
+
+    ca.crt, ca.key            a private CA; the key is needed again only to issue certificates
+    server.crt, server.key    the broker's certificate (SANs: --host names, localhost, loopback)
+    passwd                    Mosquitto 2 password file, PBKDF2-SHA512 (`$7$`) entries
+    acl                       coordinator: everything under <prefix>/<fleet>/#; devices: `%u` rules
+    mosquitto.conf            TLS listener, password_file, acl_file, persistence under data/
+    coordinator.env           BITFLEET_BROKER and --ca-file for the coordinator's systemd unit
+    devices/<id>.env          one agent env file per board (deploy/README.md, /etc/bitfleet/)
+    credentials.json          every password in one place, for tools (0600, like every secret)
+
+Password hashes are computed here rather than by `mosquitto_passwd`, which the server that
+provisions may not have installed; the tests check them against a real broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bitfleet.protocol import Topics, validate_device_id
+
+__all__ = [
+    "COORDINATOR_USER",
+    "PBKDF2_ITERATIONS",
+    "Provisioned",
+    "acl_text",
+    "default_broker_user",
+    "load_provisioned",
+    "mosquitto_conf_text",
+    "mosquitto_password_hash",
+    "provision",
+]
+
+#: The coordinator's MQTT account; devices are named by their device ids.
+COORDINATOR_USER = "coordinator"
+
+#: Mosquitto 2's own default. Passwords here are 192-bit random tokens, so a higher count adds no
+#: safety, while every connect costs the single-threaded broker one PBKDF2 run (1000 boards
+#: reconnecting after a broker restart).
+PBKDF2_ITERATIONS = 101
+
+#: Big enough for one 1 MiB chunk plus its <= 64 KiB header (bitfleet.protocol.chunks).
+MAX_PACKET_SIZE = 2 * 1024 * 1024
+
+#: Where the deployed agent expects the CA (deploy/README.md, section 3).
+AGENT_CA_PATH = "/etc/bitfleet/ca.crt"
+
+#: Every file `provision` writes at the top of DIR; any of them present means DIR is in use.
+OUTPUT_FILES = (
+    "ca.crt",
+    "ca.key",
+    "server.crt",
+    "server.key",
+    "passwd",
+    "acl",
+    "mosquitto.conf",
+    "coordinator.env",
+    "credentials.json",
+)
+
+_SALT_BYTES = 12  # what mosquitto_passwd uses
+_LEVEL = re.compile(r"[A-Za-z0-9_.-]+")  # a topic level safe inside ACL and config lines
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """What `provision` wrote: where, for which fleet, and every account's password."""
+
+    out: Path
+    fleet: str
+    prefix: str
+    hosts: tuple[str, ...]
+    port: int
+    coordinator_host: str
+    coordinator_password: str = field(repr=False)
+    devices: dict[str, str] = field(repr=False)  # device id -> password
+
+    @property
+    def conf(self) -> Path:
+        return self.out / "mosquitto.conf"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.out / "ca.crt"
+
+    def url(self, user: str, host: str | None = None) -> str:
+        """`mqtts://user:password@host:port` for `user` (a device id or COORDINATOR_USER)."""
+        password = self.coordinator_password if user == COORDINATOR_USER else self.devices[user]
+        host = host or (self.coordinator_host if user == COORDINATOR_USER else self.hosts[0])
+        return f"mqtts://{user}:{password}@{_url_host(host)}:{self.port}"
+
+    @property
+    def coordinator_url(self) -> str:
+        return self.url(COORDINATOR_USER)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _check_level(what: str, value: str) -> str:
+    if not _LEVEL.fullmatch(value):
+        raise ValueError(f"{what} {value!r}: use letters, digits, '_', '.' and '-' only")
+    return value
+
+
+def _check_host(host: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"--host {host!r} is neither an IP address nor a DNS name")
+    return host
+
+
+def _check_path(path: Path) -> None:
+    # A config value runs to the end of its line; a newline would start a new directive.
+    if any(c in str(path) for c in "\n\r\0"):
+        raise ValueError(f"output directory {str(path)!r} contains a line break")
+
+
+# -- passwords --
+
+
+def mosquitto_password_hash(
+    password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS
+) -> str:
+    """A Mosquitto 2 password file hash: `$7$<iterations>$<b64 salt>$<b64 PBKDF2-SHA512>`."""
+    salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, 64)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def _new_password() -> str:
+    # URL-safe alphabet: goes into mqtts://user:password@host without quoting.
+    return secrets.token_urlsafe(24)
+
+
+# -- certificates --
+
+
+def _name(common_name: str, fleet: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bitfleet"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"fleet {fleet}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
+    # Backdated an hour: a board without a real-time clock may run a little behind at boot.
+    now = dt.datetime.now(dt.timezone.utc)
+    return now - dt.timedelta(hours=1), now + dt.timedelta(days=days)
+
+
+def make_ca(fleet: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A self-signed CA that may sign server certificates only (path length 0)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(f"bitfleet {fleet} CA", fleet)
+    start, end = _validity(days)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def make_server_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    hosts: Sequence[str],
+    fleet: str,
+    days: int,
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The broker's certificate, valid for `hosts` (DNS names or IP addresses)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    start, end = _validity(days)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0], fleet))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    # Unencrypted: Mosquitto would otherwise prompt for a passphrase at every start.
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# -- broker configuration --
+
+
+def acl_text(prefix: str, fleet: str, coordinator_user: str = COORDINATOR_USER) -> str:
+    """The Mosquitto ACL: the coordinator may do anything in the fleet, a device only its own.
+
+    `pattern` rules apply to every user, with `%u` the user name, which is the device id: that
+    is what stops one board from speaking for another or reading another's model. Unauthorized
+    publishes are dropped silently by Mosquitto (MQTT 3.1.1 has no way to refuse them).
+    """
+    base = Topics(prefix=prefix, fleet=fleet).base
+    lines = [
+        f"# bitfleet fleet {fleet!r}: written by `bitfleet coordinator provision`.",
+        "# No rule before the first `user` line: anonymous clients (refused anyway) get nothing.",
+        "",
+        f"user {coordinator_user}",
+        f"topic readwrite {base}/#",
+        "",
+        "# Every other account is a device; its user name is its device id (%u).",
+        *(f"pattern write {base}/{kind}/%u" for kind in ("register", "update")),
+        f"pattern readwrite {base}/status/%u",
+        *(f"pattern read {base}/{kind}/%u" for kind in ("assign", "task", "model")),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def mosquitto_conf_text(
+    out: Path, fleet: str, port: int, bind: str | None = None, user: str | None = None
+) -> str:
+    """mosquitto.conf for the files in `out` (absolute paths: Mosquitto may run elsewhere).
+
+    `user` is who Mosquitto runs as when started by root (its own default is `mosquitto`).
+    """
+    out = out.resolve()
+    listener = f"listener {port} {bind}" if bind else f"listener {port}"
+    run_as = f"user {user}\n" if user else ""
+    return (
+        f"# Mosquitto 2 configuration for bitfleet fleet {fleet!r}, written by\n"
+        "# `bitfleet coordinator provision`. Start it with:\n"
+        f"#   mosquitto -c {out / 'mosquitto.conf'}\n"
+        "# TLS only; every client logs in and may use only its own topics (see acl).\n"
+        f"{run_as}"
+        "per_listener_settings false\n"
+        "allow_anonymous false\n"
+        f"password_file {out / 'passwd'}\n"
+        f"acl_file {out / 'acl'}\n"
+        "# Retained status and queued QoS 1 messages survive a broker restart.\n"
+        "persistence true\n"
+        f"persistence_location {out / 'data'}/\n"
+        "# One chunk is at most 1 MiB of data plus a 64 KiB header; anything larger is refused.\n"
+        f"max_packet_size {MAX_PACKET_SIZE}\n"
+        "\n"
+        f"{listener}\n"
+        f"cafile {out / 'ca.crt'}\n"
+        f"certfile {out / 'server.crt'}\n"
+        f"keyfile {out / 'server.key'}\n"
+        "tls_version tlsv1.2\n"
+        "# The client id is the user name, so no board can take over another's session. A\n"
+        "# listener option: above the `listener` line it would open a plaintext port 1883.\n"
+        "use_username_as_clientid true\n"
+    )
+
+
+def _agent_env(p: Provisioned, device: str, agent_ca_path: str) -> str:
+    return (
+        f"# bitfleet agent settings for device {device} of fleet {p.fleet!r}.\n"
+        "# Install as /etc/bitfleet/agent.env (mode 0640, root:bitfleet) and the fleet's ca.crt\n"
+        f"# as {agent_ca_path}; see deploy/README.md.\n"
+        f"BITFLEET_BROKER={p.url(device)}\n"
+        "BITFLEET_DATA=/srv/bitfleet/data\n"
+        f"BITFLEET_FLEET={p.fleet}\n"
+        "# Device id = MQTT user name: the broker's ACL lets this board speak only for itself.\n"
+        f"BITFLEET_AGENT_ARGS=--device-id {device} --ca-file {agent_ca_path}\n"
+    )
+
+
+def _coordinator_env(p: Provisioned) -> str:
+    return (
+        f"# bitfleet coordinator settings for fleet {p.fleet!r}: /etc/bitfleet/coordinator.env\n"
+        "# (mode 0640, root:bitfleet); see deploy/README.md.\n"
+        f"BITFLEET_BROKER={p.coordinator_url}\n"
+        f"BITFLEET_COORDINATOR_ARGS=--ca-file {p.ca_file}\n"
+    )
+
+
+# -- writing --
+
+
+def _write(path: Path, data: str | bytes, mode: int) -> None:
+    """Write `path` with exactly `mode`, also when it existed with wider permissions."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with open(fd, "wb") as file:  # the mode is right before the first byte is written
+        os.fchmod(fd, mode)
+        file.write(raw)
+
+
+def _existing_credentials(out: Path) -> list[str]:
+    found = [name for name in OUTPUT_FILES if (out / name).exists()]
+    devices = out / "devices"
+    if devices.is_dir() and any(devices.glob("*.env")):
+        found.append("devices/")
+    return found
+
+
+def _lookup_user(name: str) -> tuple[int, int]:
+    """(uid, gid) of `name`; changing owners needs root, so say so before writing anything."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"--broker-user {name!r}: no such user") from None
+    if os.geteuid() != 0:
+        raise PermissionError(f"--broker-user {name!r}: only root can hand files to another user")
+    return entry.pw_uid, entry.pw_gid
+
+
+def default_broker_user() -> str | None:
+    """`mosquitto` when run as root and that user exists (Debian's package makes it), else None."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        return pwd.getpwnam("mosquitto").pw_name
+    except KeyError:
+        return None
+
+
+def _default_hosts() -> list[str]:
+    fqdn = socket.getfqdn()
+    return [fqdn] if fqdn and fqdn not in _LOOPBACK and _HOSTNAME.fullmatch(fqdn) else []
+
+
+def provision(
+    fleet: str,
+    devices: int,
+    out: str | os.PathLike[str],
+    *,
+    hosts: Iterable[str] = (),
+    prefix: str = "bitfleet",
+    device_prefix: str = "dev",
+    port: int = 8883,
+    bind: str | None = None,
+    days: int = 1825,
+    agent_ca_path: str = AGENT_CA_PATH,
+    broker_user: str | None = None,
+    force: bool = False,
+) -> Provisioned:
+    """Write a fleet's CA, broker certificate, accounts, ACL and configs into `out`.
+
+    Devices are `<device_prefix>0` .. `<device_prefix><devices-1>`. `hosts` are the names the
+    boards use to reach the broker (default: this machine's FQDN); localhost and the loopback
+    addresses are always added, for the coordinator beside the broker. `broker_user` (only as
+    root) becomes the owner of what Mosquitto reads and writes (server key, passwd, acl, data/):
+    Mosquitto started by root drops to that user before it opens them. Raises FileExistsError
+    if `out` already holds credentials, unless `force`, and ValueError for bad arguments.
+    """
+    Topics(prefix=prefix, fleet=fleet)  # the same rules as the topics the roles use
+    for level in prefix.split("/"):
+        _check_level("prefix level", level)
+    _check_level("fleet", fleet)
+    if devices < 1:
+        raise ValueError(f"--devices must be at least 1, got {devices}")
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    if days < 1:
+        raise ValueError(f"--days must be at least 1, got {days}")
+    if bind is not None:
+        _check_host(bind)
+    device_ids = [validate_device_id(f"{device_prefix}{i}") for i in range(devices)]
+    if COORDINATOR_USER in device_ids:
+        raise ValueError(f"device id {COORDINATOR_USER!r} is the coordinator's account")
+    owner = _lookup_user(broker_user) if broker_user else None
+    given = [_check_host(h) for h in hosts] or _default_hosts()
+    all_hosts = tuple(dict.fromkeys([*given, *_LOOPBACK]))
+
+    out_path = Path(out).resolve()
+    _check_path(out_path)
+    found = _existing_credentials(out_path) if out_path.exists() else []
+    if found and not force:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise FileExistsError(
+            f"{out_path} already holds credentials ({shown}); "
+            "pass --force to replace them (every board then needs its new env file)"
+        )
+    out_path.mkdir(parents=True, exist_ok=True)
+    (out_path / "data").mkdir(mode=0o700, exist_ok=True)
+    device_dir = out_path / "devices"
+    device_dir.mkdir(mode=0o700, exist_ok=True)
+    for stale in device_dir.glob("*.env"):  # only reached with force: old boards' files
+        stale.unlink()
+
+    loopback_bind = bind is None or bind in ("0.0.0.0", "::", *_LOOPBACK)
+    result = Provisioned(
+        out=out_path,
+        fleet=fleet,
+        prefix=prefix,
+        hosts=all_hosts,
+        port=port,
+        coordinator_host="127.0.0.1" if loopback_bind else bind,
+        coordinator_password=_new_password(),
+        devices={device: _new_password() for device in device_ids},
+    )
+
+    ca_key, ca_cert = make_ca(fleet, days)
+    server_key, server_cert = make_server_cert(ca_key, ca_cert, all_hosts, fleet, days)
+    _write(out_path / "ca.key", _key_pem(ca_key), 0o600)
+    _write(out_path / "ca.crt", _cert_pem(ca_cert), 0o644)
+    _write(out_path / "server.key", _key_pem(server_key), 0o600)
+    _write(out_path / "server.crt", _cert_pem(server_cert), 0o644)
+
+    accounts = {COORDINATOR_USER: result.coordinator_password, **result.devices}
+    passwd = "".join(f"{u}:{mosquitto_password_hash(pw)}\n" for u, pw in accounts.items())
+    _write(out_path / "passwd", passwd, 0o600)
+    _write(out_path / "acl", acl_text(prefix, fleet), 0o644)
+    conf = mosquitto_conf_text(out_path, fleet, port, bind, broker_user)
+    _write(out_path / "mosquitto.conf", conf, 0o644)
+    _write(out_path / "coordinator.env", _coordinator_env(result), 0o600)
+    for device in device_ids:
+        _write(device_dir / f"{device}.env", _agent_env(result, device, agent_ca_path), 0o600)
+    credentials = {
+        "fleet": fleet,
+        "prefix": prefix,
+        "hosts": list(all_hosts),
+        "port": port,
+        "coordinator_host": result.coordinator_host,
+        "coordinator": {"user": COORDINATOR_USER, "password": result.coordinator_password},
+        "devices": result.devices,
+    }
+    _write(out_path / "credentials.json", json.dumps(credentials, indent=2) + "\n", 0o600)
+    if owner is not None:
+        for name in ("server.key", "passwd", "acl", "data"):
+            os.chown(out_path / name, *owner)
+    return result
+
+
+def load_provisioned(out: str | os.PathLike[str]) -> Provisioned:
+    """Read back what `provision` wrote to `out` (e.g. for `bitfleet demo --secure`)."""
+    out_path = Path(out).resolve()
+    data = json.loads((out_path / "credentials.json").read_text(encoding="utf-8"))
+    return Provisioned(
+        out=out_path,
+        fleet=data["fleet"],
+        prefix=data["prefix"],
+        hosts=tuple(data["hosts"]),
+        port=int(data["port"]),
+        coordinator_host=data["coordinator_host"],
+        coordinator_password=data["coordinator"]["password"],
+        devices=dict(data["devices"]),
+    )
