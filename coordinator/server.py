@@ -24,7 +24,7 @@ from torch import nn
 
 from bitfleet import plugins
 from bitfleet.data import DATASET_SPECS, ImageData, load_dataset
-from bitfleet.models import create_model
+from bitfleet.models import create_model_for
 from bitfleet.protocol import (
     MqttTransport,
     ProtocolError,
@@ -153,14 +153,7 @@ class Coordinator:
 
     def _new_model(self) -> nn.Module:
         spec = self.spec
-        model = create_model(
-            self.cfg.model.name,
-            num_classes=spec.num_classes,
-            in_channels=spec.in_channels,
-            image_size=spec.image_size,
-            mean=spec.mean,
-            std=spec.std,
-        )
+        model = create_model_for(self.cfg.model.name, spec)
         torch.manual_seed(self.cfg.job.seed)
         for m in model.modules():
             if hasattr(m, "reset_parameters"):

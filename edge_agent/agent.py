@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bitfleet.data import DATASET_SPECS, ImageData, label_histogram, load_dataset, partition
-from bitfleet.models import create_model
+from bitfleet.models import create_model_for
 from bitfleet.profiles import (
     detect_board,
     load_profile,
@@ -226,14 +226,7 @@ class EdgeAgent:
             return
         job = self.assignment["job"]
         spec = DATASET_SPECS[job["dataset"]]
-        model = create_model(
-            job["model"],
-            num_classes=spec.num_classes,
-            in_channels=spec.in_channels,
-            image_size=spec.image_size,
-            mean=spec.mean,
-            std=spec.std,
-        )
+        model = create_model_for(job["model"], spec)
         options: dict[str, object] = {}
         if self.assignment["strategy"] in ("qat", "apqn"):
             options["bits"] = int(self.assignment["bits"])

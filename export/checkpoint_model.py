@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bitfleet.data import DATASET_SPECS, load_dataset
-from bitfleet.models import create_model
+from bitfleet.models import create_model_for
 from bitfleet.profiles import DeviceProfile, load_profile
 from bitfleet.quant import check_bits, make_method, set_bits
 
@@ -103,14 +103,7 @@ def load_for_export(
     storage = storage or dev_storage
     acts = (activations or ("8" if storage == "int8" else "float")) == "8"
     spec = DATASET_SPECS[dataset]
-    model = create_model(
-        model_name,
-        num_classes=spec.num_classes,
-        in_channels=spec.in_channels,
-        image_size=spec.image_size,
-        mean=spec.mean,
-        std=spec.std,
-    )
+    model = create_model_for(model_name, spec)
     options = {"bits": bits} if strategy in ("qat", "apqn") else {}
     method = make_method(strategy, **options)
     method.prepare(model)

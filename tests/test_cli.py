@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shlex
@@ -11,37 +10,19 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from bitfleet.bench.quant import QUICK, format_table, run_quant_bench
 from bitfleet.cli.main import main
 from bitfleet.data import fashion_mnist
+from tests.tiny_fmnist import make_tiny_fmnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def tiny_fmnist(tmp_path: Path) -> Path:
-    """A Fashion-MNIST look-alike: 10 classes, each a bright block at its own place."""
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 600), ("t10k", 200)):
-        y = np.arange(n) % 10
-        x = rng.integers(0, 60, size=(n, 28, 28))
-        for c in range(10):
-            r, col = divmod(c, 5)
-            x[y == c, r * 14 : r * 14 + 14, col * 5 : col * 5 + 5] += 180
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", x)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", y)
-    return tmp_path
+    return make_tiny_fmnist(tmp_path)
 
 
 def test_help_explains_every_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,6 +20,7 @@ from bitfleet.quant import PTQ, quant_layers, quantize_to_int
 from export.api import export_model
 from export.checkpoint_model import load_for_export
 from export.runtime import run_batches, session
+from tests.tiny_fmnist import make_tiny_fmnist
 
 SHAPE = (1, 12, 12)
 
@@ -156,13 +157,7 @@ def test_device_profile_picks_bits_and_storage(tmp_path: Path) -> None:
 def test_cli_exports_and_verifies_a_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from tests.test_cli import write_idx
-
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 300), ("t10k", 200)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    monkeypatch.setenv("BITFLEET_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("BITFLEET_DATA_DIR", str(make_tiny_fmnist(tmp_path / "data", 300, 200)))
     ckpt = tmp_path / "lenet.safetensors"
     save_file(
         {k: v.contiguous() for k, v in create_model("lenet5").state_dict().items()}, str(ckpt)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import signal
 import subprocess
@@ -17,32 +16,15 @@ import pytest
 from bitfleet.protocol import MqttTransport, Topics, parse_broker_url, split_payload
 from coordinator.config import job_config_from_dict
 from coordinator.server import Coordinator, RoundReport
+from tests.tiny_fmnist import make_tiny_fmnist
 
 FLEET = "t"
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture
 def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A small Fashion-MNIST look-alike the agents and the coordinator both find by env var."""
-    folder = tmp_path / "data"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 900), ("t10k", 300)):
-        y = np.arange(n) % 10
-        x = rng.integers(0, 60, size=(n, 28, 28))
-        for c in range(10):
-            r, col = divmod(c, 5)
-            x[y == c, r * 14 : r * 14 + 14, col * 5 : col * 5 + 5] += 180
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", x)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", y)
+    """Tiny data the agents and the coordinator both find through the env var."""
+    folder = make_tiny_fmnist(tmp_path / "data", n_train=900, n_test=300)
     monkeypatch.setenv("BITFLEET_DATA_DIR", str(folder))
     return folder
 
@@ -143,25 +125,35 @@ def test_two_round_federation_with_three_agents(mosquitto, tiny_data, tmp_path: 
 def test_killed_agent_is_left_out_by_deadline_and_marked_offline(
     mosquitto, tiny_data, tmp_path: Path
 ) -> None:
+    """a2 is killed the moment its round-1 task arrives: mid-round, before it can upload."""
     agents = [start_agent(mosquitto.url, i, tmp_path) for i in range(3)]
+    tasks_seen: list[int] = []
 
-    def kill_a2(report: RoundReport) -> None:
-        if report.round == 0:
+    def on_task(topic: str, payload: bytes) -> None:
+        tasks_seen.append(len(payload))
+        if len(tasks_seen) == 2:  # round 0's task went through; round 1's just arrived
             agents[2].send_signal(signal.SIGKILL)
 
+    watcher = MqttTransport(
+        parse_broker_url(mosquitto.url),
+        client_id="watcher-a2",
+        on_message=on_task,
+        subscriptions=[Topics(fleet=FLEET).task("a2")],
+    )
+    watcher.start(timeout=10)
     wait_registered(mosquitto.url, 3)
     try:
         # min_devices 2: the fleet goes on without the killed board after its round
         cfg = job(tmp_path, n_rounds=3, deadline_s=4.0, min_devices=2)
-        coordinator, reports = run_coordinator(cfg, mosquitto.url, on_round=kill_a2)
+        coordinator, reports = run_coordinator(cfg, mosquitto.url)
     finally:
+        watcher.stop()
         stop_all(agents)
     assert [r.round for r in reports] == [0, 1, 2]
     assert "a2" in reports[0].received
-    late = [r for r in reports[1:] if "a2" in r.stragglers]
-    assert all(len(r.received) >= 2 for r in reports)
-    # a2 was either still selected in round 1 (and was late) or already seen offline
-    assert late or all("a2" not in r.selected for r in reports[1:])
+    assert reports[1].stragglers == ["a2"]  # selected, never reported: closed by deadline
+    assert len(reports[1].received) == 2  # ... with the quorum of the other two
+    assert "a2" not in reports[2].selected  # its last will marked it offline
     assert {d.id: d.online for d in coordinator.store.devices()}["a2"] is False
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..data import ImageData, load_dataset
 from ..machine import describe_machine, machine_line
-from ..models import create_model
+from ..models import create_model_for
 from ..progress import Progress
 from ..quant import MQAT, PTQ, QAT, LocalMethod
 from ..training import evaluate, make_optimizer, train, train_step
@@ -51,15 +51,7 @@ FULL = QuantBenchConfig(fp_epochs=20, qat_epochs=8, mqat_epochs=10)
 
 
 def _lenet(data: ImageData) -> nn.Module:
-    spec = data.spec
-    return create_model(
-        "lenet5",
-        num_classes=spec.num_classes,
-        in_channels=spec.in_channels,
-        image_size=spec.image_size,
-        mean=spec.mean,
-        std=spec.std,
-    )
+    return create_model_for("lenet5", data.spec)
 
 
 def _accuracy_at(model: nn.Module, method: LocalMethod, bits: int, data: ImageData) -> float:

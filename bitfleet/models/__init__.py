@@ -10,7 +10,7 @@ architecture.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from torch import nn
 
@@ -22,6 +22,9 @@ from bitfleet.models.lenet import LeNet5
 from bitfleet.models.normalize import Normalize
 from bitfleet.models.resnet20 import ResNet20
 from bitfleet.models.small_cnn import SmallCNN
+
+if TYPE_CHECKING:
+    from bitfleet.data.specs import DatasetSpec
 
 
 class ModelFactory(Protocol):
@@ -70,6 +73,18 @@ def create_model(
     )
 
 
+def create_model_for(name: str, spec: DatasetSpec) -> nn.Module:
+    """The architecture sized and normalised for a data set, as every role builds it."""
+    return create_model(
+        name,
+        num_classes=spec.num_classes,
+        in_channels=spec.in_channels,
+        image_size=spec.image_size,
+        mean=spec.mean,
+        std=spec.std,
+    )
+
+
 __all__ = [
     "MODELS",
     "LeNet5",
@@ -78,4 +93,5 @@ __all__ = [
     "ResNet20",
     "SmallCNN",
     "create_model",
+    "create_model_for",
 ]

@@ -139,9 +139,10 @@ class QuantLinear(QuantWeightMixin, nn.Linear):
 QuantModule = QuantConv2d | QuantLinear
 
 
-def _swap(layer: nn.Module, bits: int, scale_method: str) -> QuantModule:
+def _same_shape(layer: nn.Conv2d | nn.Linear, conv: type, linear: type) -> nn.Module:
+    """An empty (meta) layer of class `conv` or `linear` configured exactly like `layer`."""
     if isinstance(layer, nn.Conv2d):
-        q: QuantModule = QuantConv2d(
+        return conv(
             layer.in_channels,
             layer.out_channels,
             layer.kernel_size,
@@ -153,10 +154,11 @@ def _swap(layer: nn.Module, bits: int, scale_method: str) -> QuantModule:
             padding_mode=layer.padding_mode,
             device="meta",
         )
-    else:
-        q = QuantLinear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta"
-        )
+    return linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+
+
+def _swap(layer: nn.Module, bits: int, scale_method: str) -> QuantModule:
+    q: QuantModule = _same_shape(layer, QuantConv2d, QuantLinear)  # type: ignore[assignment]
     q.weight = layer.weight
     q.bias = layer.bias
     q.train(layer.training)
@@ -283,20 +285,7 @@ def dequantized_copy(model: nn.Module) -> nn.Module:
     """
     copy = deepcopy(model).eval()
     for name, layer in quant_layers(copy).items():
-        if isinstance(layer, QuantConv2d):
-            plain: nn.Module = nn.Conv2d(
-                layer.in_channels,
-                layer.out_channels,
-                layer.kernel_size,
-                stride=layer.stride,
-                padding=layer.padding,
-                dilation=layer.dilation,
-                groups=layer.groups,
-                bias=layer.bias is not None,
-                padding_mode=layer.padding_mode,
-            )
-        else:
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        plain = _same_shape(layer, nn.Conv2d, nn.Linear)
         plain.weight = nn.Parameter(layer.quantized_weight().detach().clone())
         if layer.bias is not None:
             plain.bias = nn.Parameter(layer.bias.detach().clone())
