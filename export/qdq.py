@@ -154,6 +154,16 @@ class _Graph:
             self.g.initializer.append(t)
             self.inits[t.name] = t
 
+    def dequantized(
+        self, name: str, ints: onnx.TensorProto, scale: np.ndarray, scale_name: str
+    ) -> onnx.NodeProto:
+        """Replace float initializer `name` by integers and per-channel scales; return the
+        DequantizeLinear node that recreates `name` from them."""
+        self.replace_initializer(name, [ints, numpy_helper.from_array(scale, scale_name)])
+        return helper.make_node(
+            "DequantizeLinear", [ints.name, scale_name], [name], name=f"{name}.dq", axis=0
+        )
+
     def add_initializer(self, t: onnx.TensorProto) -> None:
         self.g.initializer.append(t)
         self.inits[t.name] = t
@@ -185,22 +195,8 @@ def quantize_graph(
         scale = layer.scale.numpy().astype(np.float32)
         weight_scales[layer_name] = scale
         needs_int2 |= plan.storage == "packed" and layer.bits <= 2
-        g.replace_initializer(
-            wname,
-            [
-                _int_tensor(f"{layer_name}.wq", ints, layer.bits, plan.storage),
-                numpy_helper.from_array(scale, f"{layer_name}.ws"),
-            ],
-        )
-        dq_nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{layer_name}.wq", f"{layer_name}.ws"],
-                [wname],
-                name=f"{layer_name}.wdq",
-                axis=0,
-            )
-        )
+        ints_tensor = _int_tensor(f"{layer_name}.wq", ints, layer.bits, plan.storage)
+        dq_nodes.append(g.dequantized(wname, ints_tensor, scale, f"{layer_name}.ws"))
 
     act_tensors, tied = activation_tensors(model, plan)
     qparams: dict[str, tuple[float, int]] = {}
@@ -223,23 +219,8 @@ def quantize_graph(
         bias = numpy_helper.to_array(g.inits[node.input[2]]).astype(np.float64)
         bscale = (qparams[x][0] * weight_scales[layer_name].astype(np.float64)).astype(np.float32)
         bq = np.round(bias / bscale).astype(np.int32)
-        bname = node.input[2]
-        g.replace_initializer(
-            bname,
-            [
-                numpy_helper.from_array(bq, f"{layer_name}.bq"),
-                numpy_helper.from_array(bscale, f"{layer_name}.bs"),
-            ],
-        )
-        dq_nodes.append(
-            helper.make_node(
-                "DequantizeLinear",
-                [f"{layer_name}.bq", f"{layer_name}.bs"],
-                [bname],
-                name=f"{layer_name}.bdq",
-                axis=0,
-            )
-        )
+        bq_tensor = numpy_helper.from_array(bq, f"{layer_name}.bq")
+        dq_nodes.append(g.dequantized(node.input[2], bq_tensor, bscale, f"{layer_name}.bs"))
 
     # Activation QDQ pairs: t -> Q -> DQ -> (every former consumer of t).
     qdq_nodes: list[onnx.NodeProto] = []

@@ -99,21 +99,26 @@ class Mosquitto:
         self.start()
 
 
-@pytest.fixture
-def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A fresh broker for one test; skipped without mosquitto unless CI=true, where it fails."""
+def _running(kind: type[Mosquitto], tmp_path: Path) -> Iterator[Mosquitto]:
+    """Start a broker of `kind` for one test; without mosquitto, skip, or fail when CI=true."""
     binary = _find_mosquitto()
     if binary is None:
         message = "mosquitto not installed (apt-get install mosquitto, or set MOSQUITTO=path)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    broker = Mosquitto(binary, tmp_path)
+    broker = kind(binary, tmp_path)
     broker.start()
     try:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A fresh broker for one test, on a free port with its own config."""
+    yield from _running(Mosquitto, tmp_path)
 
 
 # -- a broker with a provisioned fleet (`bitfleet coordinator provision`): TLS, passwords, ACL --
@@ -153,16 +158,5 @@ class SecureMosquitto(Mosquitto):
 
 @pytest.fixture
 def secure_mosquitto(tmp_path: Path) -> Iterator[SecureMosquitto]:
-    """A fresh provisioned broker (3 devices) for one test; skip/fail as `mosquitto` does."""
-    binary = _find_mosquitto()
-    if binary is None:
-        message = "mosquitto not installed (apt-get install mosquitto, or set MOSQUITTO=path)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    broker = SecureMosquitto(binary, tmp_path)
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
+    """A fresh provisioned broker (3 devices) for one test."""
+    yield from _running(SecureMosquitto, tmp_path)  # type: ignore[misc]
