@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bitfleet.protocol.errors import ProtocolError
-from bitfleet.protocol.messages import SCHEMA_VERSION
+from bitfleet.protocol.messages import SCHEMA_VERSION, parse_json
 
 __all__ = ["MAX_CHUNK", "MAX_HEADER", "Payload", "Reassembler", "is_chunk", "split_payload"]
 
@@ -98,17 +98,6 @@ def split_payload(
         data = blob[index * chunk_size : (index + 1) * chunk_size]
         chunks.append(_LEN.pack(len(header)) + header + data)
     return chunks
-
-
-def _reject_constant(name: str) -> None:
-    raise ProtocolError("bad_chunk", f"{name} in chunk header")
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ProtocolError("bad_chunk", f"number {text} in chunk header is not finite")
-    return value
 
 
 def _int_field(header: dict[str, Any], name: str) -> int:
@@ -184,13 +173,10 @@ class Reassembler:
             raise ProtocolError("bad_chunk", "chunk is shorter than its header length says")
         raw = bytes(view[_LEN.size : _LEN.size + header_len])
         try:
-            header = json.loads(
-                raw.decode("utf-8"), parse_float=_parse_float, parse_constant=_reject_constant
-            )
-        except ProtocolError:
-            raise
-        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, int digit limit
-            raise ProtocolError("bad_chunk", f"chunk header is not JSON: {exc}"[:200]) from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("bad_chunk", f"chunk header is not UTF-8: {exc}") from None
+        header = parse_json(text, "the chunk header", reason="bad_chunk", value_reason="bad_chunk")
         if not isinstance(header, dict):
             raise ProtocolError("bad_chunk", "chunk header is not a JSON object")
         version = header.get("v")

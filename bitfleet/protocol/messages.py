@@ -224,15 +224,27 @@ def validate_message(message: Any, expected_type: str | None = None) -> dict[str
     return message
 
 
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999 parses to inf
-        raise ProtocolError("bad_value", f"number {text} is not finite")
-    return value
+def parse_json(
+    text: str, what: str, reason: str = "bad_json", value_reason: str = "bad_value"
+) -> Any:
+    """JSON with finite numbers only (no NaN, Infinity, 1e999); every failure is a
+    ProtocolError: `reason` for malformed JSON, `value_reason` for a non-finite number."""
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):  # 1e999 parses to inf
+            raise ProtocolError(value_reason, f"number {number} in {what} is not finite")
+        return value
 
-def _reject_constant(name: str) -> None:
-    raise ProtocolError("bad_value", f"{name} is not allowed in a control message")
+    def constant(name: str) -> None:
+        raise ProtocolError(value_reason, f"{name} is not allowed in {what}")
+
+    try:
+        return json.loads(text, parse_float=finite, parse_constant=constant)
+    except ProtocolError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, deep nesting
+        raise ProtocolError(reason, f"{what} is not JSON: {exc}"[:200]) from None
 
 
 def make_message(type: str, body: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,10 +283,4 @@ def decode_message(
         text = bytes(payload).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError("bad_json", f"not UTF-8: {exc}") from None
-    try:
-        message = json.loads(text, parse_float=_parse_float, parse_constant=_reject_constant)
-    except ProtocolError:
-        raise
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, int digit limit, deep nesting
-        raise ProtocolError("bad_json", str(exc)[:200]) from None
-    return validate_message(message, expected_type)
+    return validate_message(parse_json(text, "a control message"), expected_type)
