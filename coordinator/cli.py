@@ -73,6 +73,7 @@ def _add_provision_parser(actions: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .config import load_job_config
     from .server import Coordinator, RoundReport
 
@@ -89,7 +90,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     coordinator = Coordinator(cfg, args.broker, ca_file=args.ca_file, on_round=show)
     signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
-    coordinator.run()
+    try:
+        coordinator.run()
+    except CheckpointError as exc:
+        # A full or read-only disk is the operator's to fix: what and where, not a traceback.
+        # The last checkpoint is intact, so the same command resumes once the disk is fixed.
+        if args.verbose:
+            raise
+        print(f"bitfleet: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,7 +26,8 @@ from bitfleet.models import MODELS
 from bitfleet.quant import FLOAT_BITS, METHODS, SUPPORTED_BITS
 from bitfleet.training import OPTIMIZERS
 
-from .strategies import STRATEGIES
+from .strategies import AGGREGATIONS, STRATEGIES
+from .validation import NORM_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,7 +35,10 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport
     import tomli as tomllib
 
 __all__ = [
+    "ACC_RULES",
     "ALLOCATION_MODES",
+    "BITS_SOURCES",
+    "SPEED_RULES",
     "HASH_EXCLUDED",
     "STORAGE_MODES",
     "AllocationSection",
@@ -47,6 +51,7 @@ __all__ = [
     "RoundsSection",
     "ServerSection",
     "TrainingSection",
+    "ValidationSection",
     "config_hash",
     "job_config_from_dict",
     "load_job_config",
@@ -55,6 +60,15 @@ __all__ = [
 ALLOCATION_MODES = ("fixed", "fedhq", "random")
 """`fixed`: every device gets `strategy` at `bits` (all-QAT, all-PTQ, float FedAvg);
 `fedhq`: DESIGN section 4; `random`: the FedRH baseline (QAT with probability `p_qat`)."""
+
+BITS_SOURCES = ("job", "profile")
+"""Where a device's training bits come from: the job's `bits`, or its profile's budget."""
+
+SPEED_RULES = ("critical", "simple")
+"""SigSpeed: lengthening of the critical path (DESIGN 4), or the simpler own-slowdown ablation."""
+
+ACC_RULES = ("fit", "raw")
+"""SigAcc from the fitted label profile (DESIGN 4), or from the raw histogram (ablation)."""
 
 STORAGE_MODES = ("int8", "packed", "auto")
 """How sub-8-bit weights are stored in exports (DESIGN section 6); `auto`: the profile decides."""
@@ -104,6 +118,10 @@ def _name(v: str) -> str | None:
     if _NAME_RE.fullmatch(v):
         return None
     return "must be letters, digits, '_', '.' or '-' (it is used in paths and MQTT topics)"
+
+
+def _bit_set(v: tuple[int, ...]) -> str | None:
+    return _bits_list(v) if v else None
 
 
 def _bits_list(v: tuple[int, ...]) -> str | None:
@@ -175,6 +193,10 @@ class ServerSection:
 
     `lr` defaults per optimiser (1.0 for fedavg/fedavgm, 0.01 for fedadam, whose steps are
     about `lr` per coordinate whatever the update's size).
+
+    `aggregation` says how the round's updates become that "mean": the streaming
+    sample-weighted mean, or a robust rule against hostile updates (coordinate-wise trimmed mean
+    or median, unweighted), which must hold every update of the round in memory.
     """
 
     optimizer: str = _key("fedavg", "str", _one_of(STRATEGIES))
@@ -183,6 +205,28 @@ class ServerSection:
     beta1: float = _key(0.9, "float", _ge(0), _lt(1))
     beta2: float = _key(0.99, "float", _ge(0), _lt(1))
     eps: float = _key(1e-3, "float", _gt(0), doc="FedAdam's adaptivity tau")
+    aggregation: str = _key(
+        "mean",
+        "str",
+        _one_of(AGGREGATIONS),
+        doc="mean: streaming, O(model); trimmed_mean, median: buffer the round, O(N x model)",
+    )
+    trim: float = _key(0.2, "float", _ge(0), _lt(0.5), doc="trimmed_mean: share cut per side")
+
+
+@dataclass(frozen=True)
+class ValidationSection:
+    """`[validation]`: the update-norm outlier rule (`coordinator.validation`).
+
+    Names, shapes, dtypes and NaN/Inf are always checked. The norm rule compares each update's
+    `|update - global|` with the median of the last `window` accepted ones, once `min_history`
+    are known.
+    """
+
+    mode: str = _key("clip", "str", _one_of(NORM_MODES), doc="off | clip | reject")
+    factor: float = _key(10.0, "float", _ge(1), doc="outlier: norm > factor x median")
+    min_history: int = _key(5, "int", _ge(1), doc="accepted norms before the rule judges")
+    window: int = _key(100, "int", _ge(1), doc="recent accepted norms the median is taken over")
 
 
 @dataclass(frozen=True)
@@ -195,6 +239,28 @@ class AllocationSection:
     xi: float = _key(0.2, "float", _ge(0), _le(1), doc="FedHQ band half-width")
     a: float = _key(0.0625, "float", _ge(0), _le(1), doc="FedHQ 'unimportant' threshold")
     p_qat: float = _key(0.5, "float", _ge(0), _le(1), doc="random mode: P(QAT)")
+    qat_strategy: str = _key("qat", "str", _one_of(METHODS), doc="hybrid modes: the QAT side")
+    ptq_strategy: str = _key("ptq", "str", _one_of(METHODS), doc="hybrid modes: the PTQ side")
+    bit_set: tuple[int, ...] = _key(
+        (), "int-list", _bit_set, doc="mqat's widths; empty: each device's supported ones"
+    )
+    bits_from: str = _key(
+        "job", "str", _one_of(BITS_SOURCES), doc="job: `bits` for all; profile: device budget"
+    )
+    speed_rule: str = _key("critical", "str", _one_of(SPEED_RULES), doc="SigSpeed definition")
+    acc_rule: str = _key("fit", "str", _one_of(ACC_RULES), doc="SigAcc from the fit or raw")
+    calib_batches: int = _key(8, "int", _ge(0), doc="PTQ calibration batches in T(PTQ)")
+    fine: bool = _key(False, "bool", doc="fedhq: run the fine ML-based adjustment")
+    fine_candidates: int = _key(6, "int", _ge(2), doc="trial assignments of ambiguous devices")
+    fine_rounds: int = _key(1, "int", _ge(1), doc="trial rounds per candidate")
+    fine_epochs: float = _key(0.25, "float", _gt(0), doc="local epochs of a trial round")
+    time_weight: float = _key(
+        0.5,
+        "float",
+        _ge(0),
+        doc="fine stage: accuracy points given up per unit of round-time share",
+    )
+    mpq_lasso: float = _key(1e-4, "float", _ge(0), doc="mpq: group-Lasso strength")
 
 
 @dataclass(frozen=True)
@@ -217,6 +283,7 @@ class JobConfig:
     server: ServerSection = field(default_factory=ServerSection)
     allocation: AllocationSection = field(default_factory=AllocationSection)
     deploy: DeploySection = field(default_factory=DeploySection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain JSON-able tables (paths as strings, lists for tuples); loads back unchanged."""
@@ -253,6 +320,8 @@ def _convert(kind: str, v: Any, base_dir: Path) -> tuple[Any, str | None]:
         if isinstance(v, bool) or not isinstance(v, int):
             return v, "expected an integer"
         return v, None
+    if kind == "bool":
+        return (v, None) if isinstance(v, bool) else (v, "expected true or false")
     if kind == "float":
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return v, "expected a number"
@@ -328,6 +397,11 @@ def job_config_from_dict(
             optimizer = values.get("optimizer", ServerSection.optimizer)
             values["lr"] = STRATEGIES[optimizer].default_lr
         tables[table] = cls(**values)
+        if table == "validation" and tables[table].min_history > tables[table].window:
+            raise JobConfigError(
+                f"{source}: validation.min_history: must be <= validation.window "
+                f"({tables[table].window}), got {tables[table].min_history}"
+            )
     return JobConfig(**tables)
 
 

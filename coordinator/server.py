@@ -1,12 +1,15 @@
 """The coordinator: registers devices, runs federated rounds over MQTT, checkpoints, exports.
 
 One class drives a job from registration to the last export. Network callbacks only parse and
-enqueue; the main loop owns the model, so aggregation never races the next dispatch. Memory
-stays O(model): updates are folded into a running mean as they arrive and then dropped.
+enqueue; the main loop owns the model, so aggregation never races the next dispatch. Every
+update is validated against the global model first (`coordinator.validation`). Memory stays
+O(model): updates are folded into a running mean as they arrive and then dropped (unless
+`[server] aggregation` picks a robust rule, which holds the round's updates).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,9 +18,10 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,10 +46,20 @@ from bitfleet.protocol import (
 from bitfleet.quant import make_method
 from bitfleet.training import evaluate
 
+from .allocation import (
+    Allocation,
+    AllocationInput,
+    CostModel,
+    choose_assignment,
+    make_allocation_rule,
+    plan_fine_candidates,
+    qat_share,
+)
 from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .config import JobConfig, config_hash
 from .state import StateStore
-from .strategies import RunningMean, make_strategy
+from .strategies import make_aggregator, make_strategy
+from .validation import UpdateValidator
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +88,8 @@ class RoundReport:
     sim_seconds: float
     acc_fp32: float | None = None
     acc_deploy: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Messages and updates dropped since the job started, per reason."""
 
 
 @dataclass
@@ -83,6 +99,8 @@ class _Update:
     n_samples: int
     train_loss: float
     train_seconds: float
+    board_seconds: float | None
+    trial: int | None
     state: dict[str, torch.Tensor]
     payload_bytes: int
 
@@ -93,14 +111,22 @@ class Coordinator:
     def __init__(
         self,
         cfg: JobConfig,
-        broker_url: str,
+        broker_url: str | None,
         *,
         ca_file: str | None = None,
         on_round: Callable[[RoundReport], None] | None = None,
         data: ImageData | None = None,
+        transport_factory: Callable[..., Any] | None = None,
+        export: bool = True,
     ) -> None:
+        """`transport_factory(client_id, on_message, **options)` replaces the MQTT connection
+        (the simulator's in-process bus); `export=False` skips the end-of-job ONNX files."""
         self.cfg = cfg
-        self.address = parse_broker_url(broker_url)
+        if broker_url is None and transport_factory is None:
+            raise ValueError("give a broker URL or a transport factory")
+        self.address = parse_broker_url(broker_url) if broker_url is not None else None
+        self.transport_factory = transport_factory
+        self.export = export
         self.ca_file = ca_file
         self.on_round = on_round
         self.topics = Topics(fleet=cfg.job.fleet)
@@ -114,10 +140,30 @@ class Coordinator:
         (self.state_dir / "job.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.spec = DATASET_SPECS[cfg.data.dataset]
         self._data = data
-        self.method = make_method(cfg.allocation.strategy, **self._method_options())
+        # The method that prepares, evaluates and deploys the global model. Every method keeps
+        # the same state keys (steps are frozen or calibrated, not learned), so devices on
+        # different methods average into one model; a mixed fleet deploys through PTQ's
+        # calibrated steps, a uniform one through its own method.
+        if cfg.allocation.mode == "fixed" and cfg.allocation.strategy != "mpq":
+            self.method = make_method(cfg.allocation.strategy, **self._method_options())
+        else:
+            self.method = make_method("ptq")
+        self.allocation_rule = make_allocation_rule(cfg.allocation, cfg.job.seed)
+        self.allocation: Allocation | None = None
+        self.allocation_seconds = {"coarse": 0.0, "fine": 0.0}
+        self.assignments: dict[str, dict[str, Any]] = {}
+        self.layer_bits: dict[str, dict[str, int]] = {}
+        self._alloc_lock = threading.Lock()
+        self.fine_report: dict[str, Any] = {}
         self.model = self._new_model()
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.strategy = make_strategy(cfg.server)
+        self.validator = UpdateValidator(
+            mode=cfg.validation.mode,
+            factor=cfg.validation.factor,
+            min_history=cfg.validation.min_history,
+            window=cfg.validation.window,
+        )
         self.reassembler = Reassembler(
             max_bytes=MAX_UPDATE_BYTES,
             max_chunks=MAX_UPDATE_BYTES // 2**20 + 1,
@@ -130,9 +176,12 @@ class Coordinator:
         self.reports: list[RoundReport] = []
         self.dropped: dict[str, int] = {}
         self._stop = threading.Event()
+        # The round's tasks not answered yet, by device: sent again when the device or the
+        # coordinator reconnects, since a restarted broker forgets what it had not delivered.
+        self._outstanding: dict[str, tuple[str, dict[str, Any], bytes]] = {}
         self.exported: dict[str, Path] = {}
         self._eval_thread: threading.Thread | None = None
-        self.transport: MqttTransport | None = None
+        self.transport: Any = None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -192,19 +241,101 @@ class Coordinator:
             raise ProtocolError("bad_device_id", f"register for {msg['device_id']} on {device}")
         self.store.upsert_device(device, msg["profile"], msg["data"])
         self.store.set_online(device, True)
-        bits = self.cfg.allocation.bits
-        self.store.set_assignment(device, self.cfg.allocation.strategy, bits, None)
-        self._publish_assignment(device, bits)
+        # A fixed allocation needs no fleet view: answer at once. The others decide for the
+        # whole fleet after the registration burst (`_allocate_all`); later arrivals get the
+        # rule's answer for them in the fleet as it is then.
+        with self._alloc_lock:
+            if self.allocation is not None or self.cfg.allocation.mode == "fixed":
+                self._assign(device, self._strategy_for(device))
         log.info("registered %s (%s samples)", device, msg["data"].get("n_samples"))
         self.registered.set()
+        self._resend_tasks([device])
 
-    def _publish_assignment(self, device: str, bits: int) -> None:
-        t = self.cfg.training
-        body = {
-            "device_id": device,
-            "strategy": self.cfg.allocation.strategy,
+    # -- allocation: who trains how, at which bits -------------------------------------------
+
+    def _fleet(self) -> AllocationInput:
+        devices = self.store.devices()
+        return AllocationInput(
+            profiles={d.id: d.profile for d in devices},
+            data={d.id: d.data for d in devices},
+            local_epochs=self.cfg.training.local_epochs,
+            batch_size=self.cfg.training.batch_size,
+            model_bytes=sum(v.numel() * v.element_size() for v in self.global_state.values()),
+        )
+
+    def _strategy_for(self, device: str) -> str:
+        if self.cfg.allocation.mode == "fixed":
+            return self.cfg.allocation.strategy
+        if self.allocation is not None and device in self.allocation.strategies:
+            return self.allocation.strategies[device]
+        late = self.allocation_rule.allocate(self._fleet())
+        if self.allocation is not None:
+            self.allocation.strategies[device] = late.strategies[device]
+            self.allocation.significance.update(late.significance)
+            self.allocation.rules[device] = late.rules.get(device, "late")
+        return late.strategies[device]
+
+    def device_budget(self, profile: dict) -> int:
+        """A device's training bits: the job's `bits`, or its profile's budget."""
+        a = self.cfg.allocation
+        if a.bits_from == "job":
+            return a.bits
+        from .mpq import device_budget
+
+        return device_budget(profile)
+
+    def _assign(self, device: str, strategy: str) -> None:
+        """Record and send `device`'s assignment; a repeat of the same one is not resent."""
+        record = self.store.device(device)
+        if record is None:
+            return
+        a = self.cfg.allocation
+        board = record.profile.get("board", {})
+        bits = self.device_budget(record.profile)
+        body: dict[str, Any] = {
+            "strategy": strategy,
             "bits": bits,
+            "bit_set": None,
             "per_layer_bits": None,
+        }
+        if strategy == "mqat":
+            supported = {*board.get("storage_bits", []), *board.get("deploy_bits", [])}
+            body["bit_set"] = list(a.bit_set) or sorted(b for b in supported if 2 <= b <= 8)
+        if strategy == "mpq":
+            body["per_layer_bits"] = self._mpq_layer_bits(device, bits)
+            body["lasso"] = a.mpq_lasso
+        if self.assignments.get(device) == body:
+            return
+        self.assignments[device] = body
+        self.store.set_assignment(device, strategy, bits, body["per_layer_bits"])
+        self._publish_assignment(device, body)
+
+    def _allocate_all(self, resumed: bool) -> None:
+        """Allocate the registered fleet; on resume, keep what the devices were told before."""
+        stored = self.store.assignments() if resumed else {}
+        with self._alloc_lock:
+            fleet = self._fleet()
+            allocation = self.allocation_rule.allocate(fleet)
+            for dev, record in stored.items():
+                if dev in allocation.strategies:
+                    allocation.strategies[dev] = record.strategy
+            self.allocation = allocation
+            self.allocation_seconds["coarse"] = allocation.seconds
+            for dev, strategy in allocation.strategies.items():
+                self._assign(dev, strategy)
+        a = self.cfg.allocation
+        if a.mode == "fedhq" and a.fine and allocation.ambiguous and not stored:
+            self._fine_stage(fleet, allocation)
+        counts: dict[str, int] = {}
+        for s in allocation.strategies.values():
+            counts[s] = counts.get(s, 0) + 1
+        log.info("allocation (%s): %s", a.mode, counts)
+
+    def _assignment_body(self, device: str) -> dict[str, Any]:
+        t = self.cfg.training
+        return {
+            "device_id": device,
+            **self.assignments[device],
             "job": {
                 "job_id": self.job_id,
                 "model": self.cfg.model.name,
@@ -215,14 +346,19 @@ class Coordinator:
                 "optimizer": t.optimizer,
             },
         }
-        assert self.transport is not None
-        self.transport.publish(self.topics.assign(device), encode_message("assign", body))
+
+    def _publish_assignment(self, device: str, body: dict[str, Any]) -> None:
+        if self.transport is not None:
+            message = encode_message("assign", self._assignment_body(device))
+            self.transport.publish(self.topics.assign(device), message)
 
     def _on_update(self, device: str, meta: dict, blob: bytes) -> None:
         msg = validate_message(meta, "update")
         if msg["job_id"] != self.job_id:
             raise ProtocolError("wrong_job", f"update for job {msg['job_id']}")
         state = unpack_state(blob)
+        board_s = msg.get("board_seconds")
+        trial = msg.get("trial")
         self.updates.put(
             _Update(
                 device=device,
@@ -230,6 +366,10 @@ class Coordinator:
                 n_samples=int(msg["n_samples"]),
                 train_loss=float(msg["train_loss"]),
                 train_seconds=float(msg["train_seconds"]),
+                board_seconds=max(0.0, float(board_s))
+                if isinstance(board_s, (int, float)) and not isinstance(board_s, bool)
+                else None,
+                trial=trial if isinstance(trial, int) and not isinstance(trial, bool) else None,
                 state=state,
                 payload_bytes=len(blob),
             )
@@ -243,28 +383,34 @@ class Coordinator:
 
     def run(self) -> list[RoundReport]:
         start_round = self._resume()
-        self.transport = MqttTransport(
-            self.address,
+        self.transport = self._connect(
             client_id=f"bitfleet-coordinator-{self.cfg.job.fleet}",
             on_message=self._on_message,
             subscriptions=[self.topics.all(k) for k in ("register", "status", "update")],
+            on_connect=self._resend_tasks,
             ca_file=self.ca_file,
         )
         self.transport.start(timeout=30)
         try:
             self._wait_for_devices()
             self._settle_registrations()
+            self._allocate_all(resumed=start_round > 0)
             for rnd in range(start_round, self.cfg.training.rounds):
                 if self._stop.is_set():
                     break
                 self._run_round(rnd)
             self._join_evaluation()
-            if not self._stop.is_set():
+            if not self._stop.is_set() and self.export:
                 self._export_models()
         finally:
             self._join_evaluation()
             self.transport.stop()
         return self.reports
+
+    def _connect(self, **options: Any) -> Any:
+        if self.transport_factory is not None:
+            return self.transport_factory(**options)
+        return MqttTransport(self.address, **options)
 
     def _resume(self) -> int:
         """Start after the last checkpoint; forget rounds that never reached one."""
@@ -311,26 +457,111 @@ class Coordinator:
         k = max(self.cfg.rounds.min_devices, math.ceil(self.cfg.rounds.fraction * len(online)))
         return sorted(self.rng.sample(online, min(k, len(online))))
 
+    def _dispatch(
+        self,
+        rnd: int,
+        selected: list[str],
+        state: dict[str, torch.Tensor],
+        local_epochs: float,
+        trial: int | None = None,
+    ) -> int:
+        """Send each selected device its task: the round, its assignment and the model.
+
+        The assignment travels with every task, so a device always trains what this round
+        asks (FedMPQ's per-layer bits change every round; trial rounds try other strategies).
+        Returns the model's payload size.
+        """
+        task: dict[str, Any] = {
+            "round": rnd,
+            "job_id": self.job_id,
+            "local_epochs": local_epochs,
+            "deadline_s": self.cfg.rounds.deadline_s,
+        }
+        if trial is not None:
+            task["trial"] = trial
+        blob = pack_state(state)
+        assert self.transport is not None
+        self._outstanding = {}
+        for device in selected:
+            body = {**task, "assignment": self._assignment_body(device)}
+            message = make_message("task", body)
+            self._outstanding[device] = (self.topics.task(device), message, blob)
+            self.transport.publish_many(
+                self.topics.task(device), split_payload("task", message, blob)
+            )
+        return len(blob)
+
+    def _resend_tasks(self, devices: Iterable[str] | None = None) -> None:
+        """Send unanswered tasks again (all, or those of `devices`) after a reconnect.
+
+        Runs on the network thread: after the coordinator's own reconnect (its subscriptions
+        renewed first, so no answer is missed) and when a device registers again. A device
+        that already trained on the task answers with the same update, counted once. A new
+        payload id, or the device would take the task for a redelivery and ignore it.
+        """
+        outstanding = dict(self._outstanding)
+        for device in outstanding if devices is None else devices:
+            if device in outstanding:
+                topic, message, blob = outstanding[device]
+                self.transport.publish_many(topic, split_payload("task", message, blob), wait=False)
+
     def _run_round(self, rnd: int) -> None:
         t_start = time.perf_counter()
         self._wait_for_devices()
         selected = self._select()
         self.store.open_round(rnd, selected)
-        rc = self.cfg.rounds
-        task = {
-            "round": rnd,
-            "job_id": self.job_id,
-            "local_epochs": self.cfg.training.local_epochs,
-            "deadline_s": rc.deadline_s,
-        }
-        blob = pack_state(self.global_state)
-        assert self.transport is not None
-        for device in selected:
-            chunks = split_payload("task", make_message("task", task), blob)
-            self.transport.publish_many(self.topics.task(device), chunks)
+        payload_bytes = self._dispatch(
+            rnd, selected, self.global_state, self.cfg.training.local_epochs
+        )
         dispatch_s = time.perf_counter() - t_start
+        dropped_before = dict(self.dropped)
+        mean, received, wait_s, fold_s = self._collect(rnd, selected)
+        if not received:
+            return  # stopped before any update arrived; the round reruns on resume
+        t_close = time.perf_counter()
+        self.global_state = self.strategy.apply(self.global_state, mean.mean())
+        self.model.load_state_dict(self.global_state)
+        save_checkpoint(self.state_dir, rnd, self.global_state, self.strategy.state_dict())
+        self._update_layer_bits()
+        stragglers = [d for d in selected if d not in received]
+        host_s = time.perf_counter() - t_start
+        dropped = dict(self.dropped)
+        this_round = {
+            r: n - dropped_before.get(r, 0)
+            for r, n in dropped.items()
+            if n > dropped_before.get(r, 0)
+        }
+        if this_round:
+            log.warning("round %d dropped %s (since start: %s)", rnd, this_round, dropped)
+        report = RoundReport(
+            round=rnd,
+            selected=selected,
+            received=sorted(received),
+            stragglers=stragglers,
+            train_loss=sum(u.train_loss * u.n_samples for u in received.values())
+            / sum(u.n_samples for u in received.values()),
+            host_seconds=host_s,
+            wait_seconds=wait_s,
+            overhead_seconds=dispatch_s + fold_s + (time.perf_counter() - t_close),
+            sim_seconds=self._simulated_seconds(received.values(), payload_bytes),
+            dropped=dropped,
+        )
+        self.store.close_round(rnd, None, None, len(stragglers), host_s, report.sim_seconds)
+        self.reports.append(report)
+        self._evaluate_async(report, {k: v.clone() for k, v in self.global_state.items()})
 
-        mean = RunningMean(self.global_state)
+    def _collect(
+        self, rnd: int, selected: list[str], trial: int | None = None
+    ) -> tuple[Any, dict[str, _Update], float, float]:
+        """Fold the round's updates as they arrive until all, or quorum by the deadline.
+
+        Returns the aggregate, the updates by device (their tensors already folded), and the
+        seconds spent waiting and folding. Trial rounds (`trial`) leave no trace in the store.
+        """
+        rc = self.cfg.rounds
+        mean = make_aggregator(
+            self.cfg.server.aggregation, self.global_state, trim=self.cfg.server.trim
+        )
         received: dict[str, _Update] = {}
         quorum = max(1, math.ceil(rc.quorum * len(selected)))
         deadline = time.monotonic() + rc.deadline_s
@@ -353,57 +584,164 @@ class Coordinator:
                 continue
             wait_s += time.perf_counter() - t_wait
             t_fold = time.perf_counter()
-            if upd.round != rnd or upd.device not in selected:
+            if upd.round != rnd or upd.device not in selected or upd.trial != trial:
                 self._drop("late_or_unexpected", f"update/{upd.device}", f"round {upd.round}")
                 continue
-            if not self.store.record_update(
-                rnd, upd.device, upd.n_samples, upd.train_loss, upd.train_seconds
+            # Before record_update: a forged update must not use up the device's slot.
+            verdict = self.validator.check(upd.state, self.global_state)
+            if verdict.reason is not None:
+                self._drop(verdict.reason, f"update/{upd.device}", verdict.detail)
+                continue
+            if upd.device in received or (
+                trial is None
+                and not self.store.record_update(
+                    rnd, upd.device, upd.n_samples, upd.train_loss, upd.train_seconds
+                )
             ):
                 self._drop("duplicate", f"update/{upd.device}", f"round {rnd}")
                 continue
             try:
-                mean.add(upd.state, float(upd.n_samples))
+                mean.add(verdict.state, float(upd.n_samples))
             except ValueError as exc:
                 self._drop("bad_update", f"update/{upd.device}", exc)
                 continue
+            self.validator.observe(verdict)
+            if verdict.scale < 1:
+                log.warning("round %d: clipped %s's update: %s", rnd, upd.device, verdict.detail)
             received[upd.device] = upd
+            self._outstanding.pop(upd.device, None)
             fold_s += time.perf_counter() - t_fold
+        self._outstanding = {}
+        return mean, received, wait_s, fold_s
 
-        if not received:
-            return  # stopped before any update arrived; the round reruns on resume
-        t_close = time.perf_counter()
-        self.global_state = self.strategy.apply(self.global_state, mean.mean())
-        self.model.load_state_dict(self.global_state)
-        save_checkpoint(self.state_dir, rnd, self.global_state, self.strategy.state_dict())
-        stragglers = [d for d in selected if d not in received]
-        host_s = time.perf_counter() - t_start
-        report = RoundReport(
-            round=rnd,
-            selected=selected,
-            received=sorted(received),
-            stragglers=stragglers,
-            train_loss=sum(u.train_loss * u.n_samples for u in received.values())
-            / sum(u.n_samples for u in received.values()),
-            host_seconds=host_s,
-            wait_seconds=wait_s,
-            overhead_seconds=dispatch_s + fold_s + (time.perf_counter() - t_close),
-            sim_seconds=self._simulated_seconds(received.values(), len(blob)),
-        )
-        self.store.close_round(rnd, None, None, len(stragglers), host_s, report.sim_seconds)
-        self.reports.append(report)
-        self._evaluate_async(report, {k: v.clone() for k, v in self.global_state.items()})
+    def _simulated_seconds(self, updates: Iterable[_Update], payload_bytes: int) -> float:
+        """The round's wall clock on the real boards: the slowest participant (DESIGN 5).
 
-    def _simulated_seconds(self, updates: object, payload_bytes: int) -> float:
-        """The round's wall clock on the real boards: the slowest participant (DESIGN 5)."""
+        A device states its training time on its board (`board_seconds`: measured on a real
+        board, modelled on a virtual one); an older agent's host seconds are scaled by its
+        profile's relative speed. Transfer time comes from the profile's link bandwidth.
+        """
         profiles = {d.id: d.profile for d in self.store.devices()}
         longest = 0.0
-        for upd in updates:  # type: ignore[attr-defined]
+        for upd in updates:
             board = profiles.get(upd.device, {}).get("board", {})
             speed = float(board.get("relative_speed", 1.0)) or 1.0
             mbps = float(board.get("link_mbps", 100.0)) or 100.0
             comm = 2 * payload_bytes * 8 / (mbps * 1e6)
-            longest = max(longest, upd.train_seconds / speed + comm)
+            train = upd.train_seconds / speed if upd.board_seconds is None else upd.board_seconds
+            longest = max(longest, train + comm)
         return longest
+
+    # -- FedHQ's fine stage: short trial rounds, a fitted cost model, a chosen assignment ----
+
+    def _fine_stage(self, fleet: AllocationInput, allocation: Allocation) -> None:
+        """Revisit the ambiguous devices with trial rounds (DESIGN 4, the fine adjustment).
+
+        Each candidate QAT set among the ambiguous devices trains `fine_rounds` short rounds
+        from the current global model, without committing them; the accuracy gained at the
+        lowest deploy width and the simulated round time feed `CostModel`, and
+        `choose_assignment` picks the set that maximises accuracy at the job's time weight.
+        """
+        t0 = time.perf_counter()
+        a = self.cfg.allocation
+        points, ambiguous = allocation.significance, allocation.ambiguous
+        costs = {c.device: c for c in fleet.costs(a.calib_batches)}
+        fixed = {d: s for d, s in allocation.strategies.items() if d not in ambiguous}
+
+        def strategies(qat: frozenset[str]) -> dict[str, str]:
+            hybrid = {d: a.qat_strategy if d in qat else a.ptq_strategy for d in ambiguous}
+            return {**fixed, **hybrid}
+
+        def predicted(qat: frozenset[str]) -> float:
+            return max(costs[d].round_seconds(s) for d, s in strategies(qat).items())
+
+        bits = min(self.cfg.deploy.bits)
+        base_acc = self.evaluate_state(self.global_state, bits)
+        selected = sorted(d.id for d in self.store.devices(online_only=True))
+        candidates = plan_fine_candidates(ambiguous, points, a.fine_candidates)
+        shares, gains, preds, measured = [], [], [], []
+        trial = 0
+        for qat in candidates:
+            for dev, strategy in strategies(qat).items():
+                self._assign(dev, strategy)
+            state = {k: v.clone() for k, v in self.global_state.items()}
+            seconds = 0.0
+            for _ in range(a.fine_rounds):
+                payload = self._dispatch(0, selected, state, a.fine_epochs, trial=trial)
+                mean, received, _, _ = self._collect(0, selected, trial=trial)
+                trial += 1
+                if not received:
+                    return  # stopped
+                state = mean.mean()
+                seconds += self._simulated_seconds(received.values(), payload)
+            shares.append(qat_share(qat, ambiguous, points))
+            gains.append(self.evaluate_state(state, bits) - base_acc)
+            preds.append(predicted(qat) * a.fine_epochs / self.cfg.training.local_epochs)
+            measured.append(seconds / a.fine_rounds)
+        model = CostModel.fit(shares, gains, preds, measured)
+        r_ptq = max(c.ptq_round for c in costs.values())
+        r_qat = max(c.qat_round for c in costs.values())
+        chosen = choose_assignment(model, ambiguous, points, predicted, r_ptq, r_qat, a.time_weight)
+        for dev, strategy in strategies(chosen).items():
+            allocation.strategies[dev] = strategy
+            if dev in ambiguous:
+                allocation.rules[dev] = "fine_qat" if dev in chosen else "fine_ptq"
+            self._assign(dev, strategy)
+        self.allocation_seconds["fine"] = time.perf_counter() - t0
+        self.fine_report = {
+            "candidates": [sorted(q) for q in candidates],
+            "qat_share": shares,
+            "acc_gain": gains,
+            "trial_sim_seconds": measured,
+            "acc_coef": list(model.acc_coef),
+            "time_scale": model.time_scale,
+            "chosen_qat": sorted(chosen),
+        }
+        log.info("fine stage: QAT for %s among ambiguous %s", sorted(chosen), ambiguous)
+
+    # -- FedMPQ: per-layer bits under each device's budget ------------------------------------
+
+    def _mpq_layer_bits(self, device: str, budget: int) -> dict[str, int]:
+        """The device's per-layer bits: last round's pruning-growing, or uniform at first."""
+        if device in self.layer_bits:
+            return self.layer_bits[device]
+        from bitfleet.quant import quant_layers
+
+        return {name: budget for name in quant_layers(self.model)}
+
+    def _update_layer_bits(self) -> None:
+        """After aggregation, fit each FedMPQ device's layer bits to its budget (paper 002):
+        the aggregated model's bit-plane sparsity says which layers can lose bits."""
+        mpq = {d: body for d, body in self.assignments.items() if body["strategy"] == "mpq"}
+        if not mpq:
+            return
+        from bitfleet.quant.mpq import layer_sizes, plane_sparsity
+
+        from .mpq import prune_grow
+
+        sizes = layer_sizes(self.model)
+        for device, body in mpq.items():
+            current = self.layer_bits.get(device) or body["per_layer_bits"]
+            sparsity = plane_sparsity(self.model, current)
+            self.layer_bits[device] = prune_grow(sparsity, sizes, body["bits"], start=current)
+            self.assignments[device] = {**body, "per_layer_bits": self.layer_bits[device]}
+
+    def device_deploy_bits(self, device: str) -> int | dict[str, int]:
+        """What `device` deploys: its FedMPQ layer bits, its budget, or the job's rule."""
+        record = self.store.device(device)
+        profile = record.profile if record is not None else {}
+        if device in self.layer_bits:
+            return self.layer_bits[device]
+        if self.cfg.allocation.bits_from == "profile":
+            return self.device_budget(profile)
+        return self.device_bits(profile)
+
+    def evaluate_state(self, state: dict[str, torch.Tensor], bits: int | dict[str, int]) -> float:
+        """Test accuracy of `state` deployed at `bits` (one width, or per layer)."""
+        model = self._new_model()
+        model.load_state_dict(state)
+        x, y = self._test_set()
+        return evaluate(self.method.deploy(model, bits), x, y)
 
     # -- evaluation runs beside the next round, off the critical path -----------------------
 
@@ -443,10 +781,9 @@ class Coordinator:
         ones (`preferred_storage = "packed"`) the lowest they can store. When none of the job's
         widths fits, the widest one.
         """
-        board = profile.get("board", {})
-        key = "storage_bits" if board.get("preferred_storage") == "packed" else "deploy_bits"
-        fitting = [b for b in self.cfg.deploy.bits if b in set(board.get(key, []))]
-        return min(fitting) if fitting else max(self.cfg.deploy.bits)
+        from .mpq import device_budget
+
+        return device_budget(profile, self.cfg.deploy.bits)
 
     def _export_models(self) -> dict[str, Path]:
         exporter = plugins.load("bitfleet.exporters", "onnx")
@@ -454,16 +791,21 @@ class Coordinator:
         last = self.reports[-1] if self.reports else None
         calib = self.data.train_x[:EXPORT_CALIB_SAMPLES].float().div(255).numpy()
         shape = (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
-        by_kind: dict[tuple[int, str], Path] = {}
+        by_kind: dict[tuple[str, str], Path] = {}
         for device in self.store.devices():
-            bits = self.device_bits(device.profile)
+            bits = self.device_deploy_bits(device.id)
             storage = device.profile.get("board", {}).get("preferred_storage", "int8")
-            if (bits, storage) not in by_kind:
+            if isinstance(bits, dict):  # FedMPQ: per-layer bits, named by their digest
+                digest = hashlib.sha256(json.dumps(bits, sort_keys=True).encode()).hexdigest()
+                tag = f"mixed{sum(bits.values()) / len(bits):.1f}-{digest[:6]}"
+            else:
+                tag = f"{bits}bit"
+            if (tag, storage) not in by_kind:
                 model = self._new_model()
                 model.load_state_dict(self.global_state)
                 self.method.deploy(model, bits)
-                name = f"{self.cfg.model.name}-{bits}bit-{storage}.onnx"
-                by_kind[bits, storage] = exporter(
+                name = f"{self.cfg.model.name}-{tag}-{storage}.onnx"
+                by_kind[tag, storage] = exporter(
                     model,
                     out_dir / name,
                     shape,
@@ -478,11 +820,12 @@ class Coordinator:
                         "class_labels": list(self.spec.class_names),
                     },
                 ).path
-            path = by_kind[bits, storage]
+            path = by_kind[tag, storage]
             self.exported[device.id] = path
             meta = {
                 "job_id": self.job_id,
-                "bits": bits,
+                "bits": bits if isinstance(bits, int) else max(bits.values()),
+                "per_layer_bits": bits if isinstance(bits, dict) else None,
                 "storage": storage,
                 "filename": f"{self.job_id}-{path.name}",
             }

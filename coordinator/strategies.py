@@ -6,6 +6,9 @@ workers (or edge gateways) merge exactly: they are sums and counts (DESIGN secti
 `Strategy` then turns the round's mean into the next global model. FedAvgM and FedAdam treat
 `mean - global` as a pseudo-gradient (Hsu et al. 2019; Reddi et al. 2021, "Adaptive Federated
 Optimization"); their moments are server state, checkpointed through `state_dict`.
+
+Beside the mean, `[server] aggregation` may pick a robust rule (`TrimmedMean`,
+`CoordinateMedian`); those must buffer the round's updates, O(N x model) memory.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AGGREGATIONS",
+    "ROBUST_AGGREGATORS",
     "STRATEGIES",
+    "CoordinateMedian",
     "FedAdam",
     "FedAvg",
     "FedAvgM",
     "RunningMean",
     "Strategy",
+    "TrimmedMean",
+    "make_aggregator",
     "make_strategy",
 ]
 
@@ -34,6 +42,41 @@ _TOTAL = "meta.total_weight"
 
 def _describe(t: Tensor) -> str:
     return f"{tuple(t.shape)} {t.dtype}"
+
+
+_Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def _spec_of(template: Mapping[str, Tensor]) -> _Spec:
+    return {k: (tuple(t.shape), t.dtype) for k, t in template.items()}
+
+
+def _check_weight(weight: float) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ValueError(f"weight must be a number, got {weight!r}")
+    w = float(weight)
+    if not math.isfinite(w) or w <= 0:
+        raise ValueError(f"weight must be finite and > 0, got {weight!r}")
+    return w
+
+
+def _check_update(spec: _Spec, state: Mapping[str, Tensor]) -> None:
+    """Validate a whole update before an aggregator touches anything, so a bad one changes
+    nothing; floating tensors must be finite."""
+    missing = sorted(set(spec) - set(state))
+    extra = sorted(set(state) - set(spec))
+    if missing or extra:
+        raise ValueError(
+            f"update does not match the model: missing tensors {missing}, unexpected {extra}"
+        )
+    for k, (shape, dtype) in spec.items():
+        t = state[k]
+        if not isinstance(t, Tensor):
+            raise ValueError(f"tensor {k!r}: expected a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"tensor {k!r}: expected {shape} {dtype}, got {_describe(t)}")
+        if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensor {k!r}: contains NaN or Inf")
 
 
 class RunningMean:
@@ -48,9 +91,7 @@ class RunningMean:
     def __init__(self, template: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float64):
         if dtype not in (torch.float64, torch.float32):
             raise ValueError(f"accumulator dtype must be float64 or float32, got {dtype}")
-        self._spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
-            k: (tuple(t.shape), t.dtype) for k, t in template.items()
-        }
+        self._spec = _spec_of(template)
         self._sums: dict[str, Tensor] = {
             k: torch.zeros(t.shape, dtype=dtype)
             for k, t in template.items()
@@ -70,31 +111,10 @@ class RunningMean:
         """Sum of the weights added (merged partials included)."""
         return self._total
 
-    def _check(self, state: Mapping[str, Tensor]) -> None:
-        """Validate a whole update before touching any accumulator, so a bad one changes nothing."""
-        missing = sorted(set(self._spec) - set(state))
-        extra = sorted(set(state) - set(self._spec))
-        if missing or extra:
-            raise ValueError(
-                f"update does not match the model: missing tensors {missing}, unexpected {extra}"
-            )
-        for k, (shape, dtype) in self._spec.items():
-            t = state[k]
-            if not isinstance(t, Tensor):
-                raise ValueError(f"tensor {k!r}: expected a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ValueError(f"tensor {k!r}: expected {shape} {dtype}, got {_describe(t)}")
-            if k in self._sums and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"tensor {k!r}: contains NaN or Inf")
-
     def add(self, state: Mapping[str, Tensor], weight: float) -> None:
         """Add `weight * state` (weight is typically the device's sample count)."""
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ValueError(f"weight must be a number, got {weight!r}")
-        w = float(weight)
-        if not math.isfinite(w) or w <= 0:
-            raise ValueError(f"weight must be finite and > 0, got {weight!r}")
-        self._check(state)
+        w = _check_weight(weight)
+        _check_update(self._spec, state)
         with torch.no_grad():
             for k, acc in self._sums.items():
                 acc.add_(state[k].detach().to(acc.device), alpha=w)
@@ -146,6 +166,137 @@ class RunningMean:
         rm._count = int(partial[_COUNT])
         rm._total = float(partial[_TOTAL])
         return rm
+
+
+_BLOCK = 2**21
+"""Values (updates x coordinates) a robust rule sorts at once: with the float64 copy, the sorted
+values and their indices, about 50 MB."""
+
+
+class _BufferedAggregator:
+    """Keeps every update of the round, for rules a running sum cannot compute.
+
+    Memory is O(N x model) for N updates, against `RunningMean`'s O(model): a fleet of a
+    thousand LeNet-5 boards holds about 250 MB, one of ResNet-18s far more than a server
+    should. The result is not a sum either, so partial aggregates from several workers do not
+    merge (DESIGN section 9): a sharded coordinator must use `mean`.
+
+    Weights are validated but not used. A device's sample count is its own claim, and a rule
+    meant to survive hostile updates must not let one of them buy influence by claiming a large
+    one; the rules are unweighted as Yin et al. (2018) define them and Flower implements them.
+    `mean()` is named after `RunningMean.mean` so the coordinator can use either; it returns
+    the rule's aggregate of the floating tensors, in the template's dtypes.
+    """
+
+    name: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()
+    """Keyword arguments of `__init__` that `make_aggregator` passes on."""
+
+    def __init__(self, template: Mapping[str, Tensor]) -> None:
+        self._spec = _spec_of(template)
+        self._updates: list[dict[str, Tensor]] = []
+
+    @property
+    def count(self) -> int:
+        """How many updates were added."""
+        return len(self._updates)
+
+    def add(self, state: Mapping[str, Tensor], weight: float) -> None:
+        """Keep a copy of the update's floating tensors (`weight` is checked, then ignored)."""
+        _check_weight(weight)
+        _check_update(self._spec, state)
+        self._updates.append(
+            {
+                k: state[k].detach().clone()
+                for k, (_, dtype) in self._spec.items()
+                if dtype.is_floating_point
+            }
+        )
+
+    def mean(self) -> dict[str, Tensor]:
+        """The rule's aggregate, computed coordinate-wise in float64.
+
+        Coordinates go through in blocks of about `_BLOCK` values across all updates, so the
+        sorted copy stays small however large N and the tensors are.
+        """
+        if not self._updates:
+            raise ValueError("no updates were added; the aggregate is undefined")
+        n = len(self._updates)
+        step = max(1, _BLOCK // n)
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for k in self._updates[0]:
+                shape, dtype = self._spec[k]
+                flat = [u[k].reshape(-1) for u in self._updates]
+                result = torch.empty(flat[0].numel(), dtype=torch.float64)
+                for lo in range(0, result.numel(), step):
+                    block = torch.stack([f[lo : lo + step] for f in flat]).to(torch.float64)
+                    result[lo : lo + step] = self._reduce(block.sort(dim=0).values)
+                out[k] = result.reshape(shape).to(dtype)
+        return out
+
+    def _reduce(self, ordered: Tensor) -> Tensor:
+        """Aggregate along dim 0, whose values are sorted ascending per coordinate."""
+        raise NotImplementedError
+
+
+class TrimmedMean(_BufferedAggregator):
+    """Coordinate-wise trimmed mean (Yin et al. 2018; Flower's FedTrimmedAvg).
+
+    Per coordinate, the `floor(trim * N)` largest and as many smallest values are cut and the
+    rest averaged: up to that many hostile updates cannot drag a coordinate outside the honest
+    values' range. With few updates nothing may be cut (trim 0.2 of 4 updates cuts none).
+    """
+
+    name = "trimmed_mean"
+    options = ("trim",)
+
+    def __init__(self, template: Mapping[str, Tensor], trim: float = 0.2) -> None:
+        super().__init__(template)
+        trim = float(trim)
+        if not 0.0 <= trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+        self.trim = trim
+
+    def _reduce(self, ordered: Tensor) -> Tensor:
+        cut = int(self.trim * ordered.shape[0])
+        return ordered[cut : ordered.shape[0] - cut].mean(dim=0)
+
+
+class CoordinateMedian(_BufferedAggregator):
+    """Coordinate-wise median (Yin et al. 2018; Flower's FedMedian).
+
+    With an even count it is the mean of the two middle values, as numpy's median (torch's
+    `median` would return the lower one). It breaks down only when half the updates are hostile.
+    """
+
+    name = "median"
+
+    def _reduce(self, ordered: Tensor) -> Tensor:
+        n = ordered.shape[0]
+        return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+
+
+ROBUST_AGGREGATORS: dict[str, type[_BufferedAggregator]] = {
+    cls.name: cls for cls in (TrimmedMean, CoordinateMedian)
+}
+
+AGGREGATIONS = ("mean", *ROBUST_AGGREGATORS)
+"""How a round may combine its updates: `mean` (`RunningMean`, O(model), sample-weighted) or a
+robust rule that buffers the round (O(N x model), unweighted)."""
+
+
+def make_aggregator(
+    name: str, template: Mapping[str, Tensor], **opts: Any
+) -> RunningMean | _BufferedAggregator:
+    """An empty aggregator for one round. Options the rule does not take are ignored, so a
+    caller can pass every configured knob (`trim=...`) whatever the rule."""
+    if name == "mean":
+        return RunningMean(template)
+    cls = ROBUST_AGGREGATORS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown aggregation {name!r}; known: {', '.join(AGGREGATIONS)}")
+    return cls(template, **{k: v for k, v in opts.items() if k in cls.options})
 
 
 class Strategy:

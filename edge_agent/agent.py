@@ -7,6 +7,8 @@ client reconnects with backoff and re-registers). One line per round is all it p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import random
@@ -15,12 +17,15 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from bitfleet.data import DATASET_SPECS, ImageData, label_histogram, load_dataset, partition
+from bitfleet.data.label_fit import fit_label_profile
 from bitfleet.models import create_model_for
 from bitfleet.profiles import (
     detect_board,
@@ -44,10 +49,14 @@ from bitfleet.protocol import (
     validate_device_id,
     validate_message,
 )
-from bitfleet.quant import make_method
+from bitfleet.quant.assignment import describe_assignment, method_for_assignment
 from bitfleet.training import train
 
 log = logging.getLogger(__name__)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
 
 MAX_DOWNLOAD_BYTES = 256 * 2**20
 
@@ -70,6 +79,9 @@ class AgentOptions:
     measure_steps: bool = True
     exit_after_model: bool = False
     threads: int | None = None
+    quiet: bool = False
+    chunk_size: int = 2**20
+    """Upload chunk size in bytes (<= 1 MiB): smaller chunks resend less on a flaky link."""
 
 
 def stable_device_id(state_dir: Path) -> str:
@@ -110,9 +122,32 @@ def load_local_data(opts: AgentOptions) -> tuple[torch.Tensor, torch.Tensor]:
     return data.train_x[idx], data.train_y[idx]
 
 
+BoardClock = Callable[[str, int], float]
+"""(strategy, optimiser steps) -> seconds the round's training takes on the board."""
+
+
 class EdgeAgent:
-    def __init__(self, opts: AgentOptions) -> None:
+    """One board's agent; `run()` serves the coordinator until stopped or its model arrives.
+
+    `transport_factory` replaces the MQTT connection (the simulator's in-process bus, called
+    with `MqttTransport`'s keywords); `clock` gives a virtual board's training time in place
+    of the time measured on this host.
+    """
+
+    def __init__(
+        self,
+        opts: AgentOptions,
+        *,
+        transport_factory: Callable[..., Any] | None = None,
+        clock: BoardClock | None = None,
+        data: tuple[torch.Tensor, torch.Tensor] | None = None,
+        profile: dict[str, Any] | None = None,
+    ) -> None:
         self.opts = opts
+        self.transport_factory = transport_factory
+        self.clock = clock
+        self._given_data = data
+        self._given_profile = profile
         state_dir = Path(opts.state_dir or Path.home() / ".local" / "state" / "bitfleet")
         self.device_id = opts.device_id or stable_device_id(state_dir)
         self.topics = Topics(fleet=opts.fleet)
@@ -125,8 +160,11 @@ class EdgeAgent:
         self.assignment: dict | None = None
         self.done = threading.Event()
         self.models: list[Path] = []
-        self.transport: MqttTransport | None = None
+        self.transport: Any = None
         self._registered_at = time.monotonic()
+        # The last task and the update chunks it produced: the same task sent again (after a
+        # reconnect) is answered with the same update instead of a second training.
+        self._answered: tuple[str, list[bytes]] | None = None
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -177,17 +215,28 @@ class EdgeAgent:
 
     # -- main loop --------------------------------------------------------------------------
 
+    def _connect(self, **options: Any) -> Any:
+        if self.transport_factory is not None:
+            return self.transport_factory(**options)
+        return MqttTransport(self.address, **options)
+
     def run(self) -> int:
         if self.opts.threads:
             torch.set_num_threads(self.opts.threads)
-        self.x, self.y = load_local_data(self.opts)
+        self.x, self.y = self._given_data or load_local_data(self.opts)
         spec = DATASET_SPECS[self.opts.dataset]
-        hist = label_histogram(self.y.numpy(), range(len(self.y)), spec.num_classes)
-        self.data_summary = {"n_samples": len(self.y), "label_hist": [int(c) for c in hist]}
-        self.profile = self._profile()
+        counts = label_histogram(self.y.numpy(), range(len(self.y)), spec.num_classes)
+        hist = [int(c) for c in counts]
+        # Only statistics leave the board: the histogram and its fitted rank-frequency profile
+        # (FedHQ's accuracy significance, DESIGN 4), never samples.
+        self.data_summary = {
+            "n_samples": len(self.y),
+            "label_hist": hist,
+            "label_fit": fit_label_profile(hist).to_dict(),
+        }
+        self.profile = self._given_profile or self._profile()
         offline = encode_message("status", {"device_id": self.device_id, "online": False})
-        self.transport = MqttTransport(
-            self.address,
+        self.transport = self._connect(
             client_id=f"bitfleet-agent-{self.device_id}",
             on_message=self._on_message,
             will=(self.topics.status(self.device_id), offline, True),
@@ -221,26 +270,35 @@ class EdgeAgent:
         self.done.set()
 
     def _train(self, task: dict, blob: bytes) -> None:
+        key = hashlib.sha256(json.dumps(task, sort_keys=True).encode() + blob).hexdigest()
+        if self._answered is not None and self._answered[0] == key:
+            self.transport.publish_many(self.topics.update(self.device_id), self._answered[1])
+            log.info("round %s: the same task again; sent the same update", task["round"])
+            return
+        if isinstance(task.get("assignment"), dict):
+            # The task says what this round trains; it may differ from the first assignment.
+            self.assignment = validate_message(
+                {"v": task["v"], "type": "assign", **task["assignment"]}, "assign"
+            )
         if self.assignment is None:
             log.warning("task for round %s before any assignment; skipped", task["round"])
             return
         job = self.assignment["job"]
         spec = DATASET_SPECS[job["dataset"]]
         model = create_model_for(job["model"], spec)
-        options: dict[str, object] = {}
-        if self.assignment["strategy"] in ("qat", "apqn"):
-            options["bits"] = int(self.assignment["bits"])
-        method = make_method(self.assignment["strategy"], **options)
+        method = method_for_assignment(self.assignment)
         method.prepare(model)
         model.load_state_dict(unpack_state(blob))
+        epochs = float(task["local_epochs"])
+        batch_size = int(job["batch_size"])
         t0 = time.perf_counter()
         loss = train(
             model,
             self.x,
             self.y,
             method,
-            epochs=float(task["local_epochs"]),
-            batch_size=int(job["batch_size"]),
+            epochs=epochs,
+            batch_size=batch_size,
             lr=float(job["lr"]),
             optimizer=job["optimizer"],
             seed=random.Random(f"{self.device_id}:{task['round']}").randrange(2**31),
@@ -252,17 +310,36 @@ class EdgeAgent:
             "n_samples": len(self.y),
             "train_loss": float(loss),
             "train_seconds": seconds,
+            "board_seconds": self._board_seconds(seconds, method.name, epochs, batch_size),
         }
+        if task.get("trial") is not None:
+            meta["trial"] = task["trial"]
         state = {k: v.detach() for k, v in model.state_dict().items()}
         assert self.transport is not None
-        chunks = split_payload("update", make_message("update", meta), pack_state(state))
-        self.transport.publish_many(self.topics.update(self.device_id), chunks)
-        name = method.name + (f" {options['bits']}-bit" if "bits" in options else "")
-        print(
-            f"[{self.device_id}] round {task['round']}: {name}, {len(self.y)} samples, "
-            f"loss {loss:.3f}, {seconds:.1f} s",
-            flush=True,
+        chunks = split_payload(
+            "update", make_message("update", meta), pack_state(state), self.opts.chunk_size
         )
+        self._answered = (key, chunks)
+        self.transport.publish_many(self.topics.update(self.device_id), chunks)
+        name = describe_assignment(self.assignment)
+        (log.info if self.opts.quiet else _say)(
+            f"[{self.device_id}] round {task['round']}: {name}, {len(self.y)} samples, "
+            f"loss {loss:.3f}, {seconds:.1f} s"
+        )
+
+    def _board_seconds(self, seconds: float, strategy: str, epochs: float, batch: int) -> float:
+        """This round's training time on the board the agent stands for (DESIGN 5).
+
+        A real board reports what it measured; a virtual one (a simulator's clock, or a
+        profile named with `--profile` on another machine) scales to the board's speed.
+        """
+        if self.clock is not None:
+            steps = max(1, round(epochs * max(1, -(-len(self.y) // batch))))
+            return self.clock(strategy, steps)
+        if self.opts.profile == "auto":
+            return seconds
+        speed = float(self.profile.get("board", {}).get("relative_speed") or 1.0)
+        return seconds / speed
 
     def _store_model(self, meta: dict, blob: bytes) -> None:
         out = Path(self.opts.out_dir)
@@ -275,3 +352,37 @@ class EdgeAgent:
         print(f"[{self.device_id}] model {meta['bits']}-bit saved to {out / name}", flush=True)
         if self.opts.exit_after_model:
             self.done.set()
+
+
+def virtual_agent(
+    device_id: str,
+    *,
+    fleet: str,
+    profile: dict[str, Any],
+    data: tuple[torch.Tensor, torch.Tensor],
+    dataset: str,
+    model: str,
+    broker: str | None = None,
+    transport_factory: Callable[..., Any] | None = None,
+    clock: BoardClock | None = None,
+) -> EdgeAgent:
+    """An agent standing for a board it does not run on: the simulator's virtual device.
+
+    Its profile, data and clock are given; everything else (registration, training, upload)
+    is the board's own code path. Registered as the `bitfleet.agents` entry point `virtual`,
+    so the simulator drives it without the coordinator importing this package.
+    """
+    opts = AgentOptions(
+        broker=broker or "mqtt://in-process",
+        data="(given)",
+        device_id=device_id,
+        dataset=dataset,
+        model=model,
+        profile=str(profile.get("board", {}).get("name", "virtual")),
+        fleet=fleet,
+        measure_steps=False,
+        quiet=True,
+    )
+    return EdgeAgent(
+        opts, transport_factory=transport_factory, clock=clock, data=data, profile=profile
+    )

@@ -40,6 +40,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--ca-file", help="CA certificate for mqtts://")
     run.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     run.add_argument(
+        "--chunk-kib",
+        type=int,
+        default=1024,
+        metavar="KIB",
+        help="upload chunk size in KiB, 1..1024 (default 1024); smaller chunks suit slow, "
+        "flaky links: a lost connection resends less",
+    )
+    run.add_argument(
         "--no-step-measure", action="store_true", help="skip measuring step times at start"
     )
     run.add_argument(
@@ -52,6 +60,8 @@ def run_agent(args: argparse.Namespace) -> int:
     from .agent import AgentOptions, EdgeAgent
 
     parse_broker_url(args.broker)  # a bad URL fails before any slow set-up
+    if not 1 <= args.chunk_kib <= 1024:
+        raise ValueError(f"--chunk-kib must be in 1..1024, got {args.chunk_kib}")
     agent = EdgeAgent(
         AgentOptions(
             broker=args.broker,
@@ -69,6 +79,7 @@ def run_agent(args: argparse.Namespace) -> int:
             measure_steps=not args.no_step_measure,
             exit_after_model=args.exit_after_model,
             threads=args.threads,
+            chunk_size=args.chunk_kib * 1024,
         )
     )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

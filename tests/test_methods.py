@@ -41,7 +41,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_registry_names_every_method() -> None:
-    assert set(METHODS) == {"fp", "ptq", "qat", "mqat", "apqn", "kure"}
+    assert set(METHODS) == {"fp", "ptq", "qat", "mqat", "apqn", "kure", "mpq"}
     assert isinstance(make_method("qat", bits=2), QAT)
     with pytest.raises(ValueError, match="known"):
         make_method("sgd-magic")

@@ -16,6 +16,7 @@ from .methods import (
     APQN,
     KURE,
     METHODS,
+    MPQ,
     MQAT,
     PTQ,
     QAT,
@@ -38,6 +39,7 @@ from .modules import (
     set_scale_method,
     unfreeze_steps,
 )
+from .mpq import bit_planes, budget_bits, group_lasso, layer_sizes, plane_sparsity
 from .scales import SCALE_METHODS, weight_scale
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "FLOAT_BITS",
     "KURE",
     "METHODS",
+    "MPQ",
     "MQAT",
     "PTQ",
     "QAT",
@@ -56,15 +59,20 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "affine_qparams",
+    "bit_planes",
+    "budget_bits",
     "calibrate_activations",
     "dequantized_copy",
     "check_bits",
     "fake_quant_weight",
     "fake_quant_weight_learned",
     "freeze_steps",
+    "group_lasso",
     "init_steps",
     "kurtosis",
+    "layer_sizes",
     "make_method",
+    "plane_sparsity",
     "pseudo_quant_noise",
     "qrange",
     "quant_layers",

@@ -7,8 +7,9 @@ through the same loop on the board, in the simulator and in the benchmarks.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 
 from .fake_quant import FLOAT_BITS, check_bits
 from .modules import (
+    BitMap,
     freeze_steps,
     init_steps,
     quant_layers,
@@ -25,6 +27,7 @@ from .modules import (
     set_scale_method,
     unfreeze_steps,
 )
+from .mpq import group_lasso
 
 STEP_MODES = ("frozen", "learned", "dynamic")
 """How QAT gets its step: fixed per round, learned (LSQ), or recalibrated every step."""
@@ -62,15 +65,17 @@ class LocalMethod:
         """Extra loss term added to the task loss, or None."""
         return None
 
-    def deploy(self, model: nn.Module, bits: int) -> nn.Module:
+    def deploy(self, model: nn.Module, bits: BitMap) -> nn.Module:
         """Put the trained model in the state that is evaluated and exported at `bits`.
 
-        Steps frozen or learned in training stay: they are the grid the weights were trained
-        onto. Other bit-widths are calibrated from the weights by `scale_method`.
+        `bits` is one width for every layer or a map {layer: bits} (FedMPQ's per-layer
+        widths; layers it leaves out stay float), as `set_bits` takes it. Steps frozen or
+        learned in training stay: they are the grid the weights were trained onto. Other
+        bit-widths are calibrated from the weights by `scale_method`.
         """
         set_mode(model, "quant")
         set_scale_method(model, self.scale_method)
-        set_bits(model, check_bits(bits))
+        set_bits(model, bits)
         return model
 
 
@@ -188,8 +193,47 @@ class KURE(LocalMethod):
         return self.strength * torch.stack(terms).mean()
 
 
+@dataclass
+class MPQ(LocalMethod):
+    """FedMPQ's local training (paper 002): per-layer bit-widths and a bit-plane group Lasso.
+
+    Trains through Q(w, b_l) at each layer's own width, `layer_bits` ({layer: bits}, from
+    the server's pruning-growing; None means `bits` everywhere). Steps are frozen per round
+    as in QAT's "frozen" mode: the Lasso empties planes of a fixed grid, so the grid must not
+    follow the weights while they shrink, and the planes the client reports after the round
+    (`plane_sparsity`) are read on that same grid. `lasso` weighs `group_lasso`, whose
+    per-layer terms lie in [0, b - 1]; 0 turns it off (per-layer QAT).
+    """
+
+    layer_bits: Mapping[str, int] | None = None
+    bits: int = 4
+    lasso: float = 0.01
+    name = "mpq"
+
+    def bit_map(self) -> BitMap:
+        """The widths this method trains at: `layer_bits`, or `bits` for every layer."""
+        return self.bits if self.layer_bits is None else dict(self.layer_bits)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        check_bits(self.bits)
+        if not (math.isfinite(self.lasso) and self.lasso >= 0):
+            raise ValueError(f"lasso must be a finite number >= 0, got {self.lasso}")
+        super().prepare(model)
+        set_scale_method(model, self.scale_method)
+        set_bits(model, self.bit_map())
+        return model
+
+    def begin_round(self, model: nn.Module, rng: random.Random) -> None:
+        unfreeze_steps(model)
+        for layer in quant_layers(model).values():
+            layer.freeze_steps([layer.bits])
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        return self.lasso * group_lasso(model, self.bit_map()) if self.lasso else None
+
+
 METHODS: dict[str, type[LocalMethod]] = {
-    cls.name: cls for cls in (LocalMethod, PTQ, QAT, MQAT, APQN, KURE)
+    cls.name: cls for cls in (LocalMethod, PTQ, QAT, MQAT, APQN, KURE, MPQ)
 }
 
 

@@ -1,0 +1,672 @@
+"""`bitfleet simulate`: many virtual boards in one process, through the daemon's own code.
+
+Each method of an experiment is one federated job run by `Coordinator`, the class behind
+`bitfleet coordinator serve`, against virtual devices that are the boards' own `EdgeAgent`s
+(found through the `bitfleet.agents` entry point). An in-process bus replaces MQTT; `--broker`
+runs the same experiment over a real broker instead. Nothing here aggregates, allocates or
+trains: it builds the fleet, runs the methods, and evaluates and reports what they produced.
+
+Time (DESIGN section 5): the host's step time is measured once per local method; a virtual
+board's training time is that scaled by the board's relative speed and, for methods that run
+the fake quantizer, by the board's QAT overhead from its profile. The coordinator adds transfer
+time from the link bandwidth and takes the slowest participant per round. Reports show this
+simulated board clock beside the host's wall clock and say which is which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bitfleet import plugins
+from bitfleet.data import DATASET_SPECS, ImageData, load_dataset, partition
+from bitfleet.profiles import load_profile, measure_machine, profile_summary
+from bitfleet.protocol.inprocess import InProcessBus
+from bitfleet.quant import make_method
+
+from .allocation import QUANT_IN_FORWARD, AllocationInput, make_allocation_rule
+from .config import JobConfig, JobConfigError, job_config_from_dict
+from .server import Coordinator, RoundReport
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the tomli backport
+    import tomli as tomllib
+
+EVAL_BITS_DEFAULT = (32, 8, 6, 4, 3, 2)
+TIME_NOTE = (
+    "sim_seconds: simulated wall clock of the boards (host step times scaled by each "
+    "profile's relative speed and QAT overhead, plus transfers; the slowest device per "
+    "round). host_seconds: this machine's real time for the method."
+)
+
+
+# --- the experiment file -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SimDevice:
+    id: str
+    board: str
+    budget_bits: int | None = None
+
+
+@dataclass
+class Experiment:
+    """An experiment file: the base job, the methods (job overlays), the fleet, the ablations."""
+
+    path: Path
+    name: str
+    base: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    devices: list[SimDevice]
+    eval_bits: tuple[int, ...]
+    quick: dict[str, Any]
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for table, values in overlay.items():
+        if isinstance(values, Mapping) and isinstance(out.get(table), Mapping):
+            out[table] = {**out[table], **values}
+        else:
+            out[table] = copy.deepcopy(values)
+    return out
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and check an experiment file; every method's job is checked before anything runs."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise FileNotFoundError(f"{path}: cannot read experiment file: {exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise JobConfigError(f"{path}: not valid TOML: {exc}") from exc
+    sim = raw.pop("simulate", None)
+    if not isinstance(sim, dict):
+        raise JobConfigError(f"{path}: missing the [simulate] table (fleet, methods, quick)")
+    methods = raw.pop("methods", None)
+    if not isinstance(methods, dict) or not methods:
+        raise JobConfigError(f"{path}: [methods] must name at least one method")
+    ablations = raw.pop("ablations", {})
+    known = {"name", "devices", "eval_bits", "quick", "description"}
+    for key in sim:
+        if key not in known:
+            raise JobConfigError(f"{path}: unknown key simulate.{key}; allowed: {sorted(known)}")
+    devices: list[SimDevice] = []
+    for i, group in enumerate(sim.get("devices", [])):
+        if not isinstance(group, dict) or "board" not in group:
+            raise JobConfigError(f"{path}: simulate.devices[{i}] needs a board")
+        try:
+            load_profile(group["board"])
+        except (FileNotFoundError, LookupError, ValueError) as exc:
+            raise JobConfigError(f"{path}: simulate.devices[{i}].board: {exc}") from exc
+        budget = group.get("budget_bits")
+        if budget is not None and budget not in range(2, 9):
+            raise JobConfigError(f"{path}: simulate.devices[{i}].budget_bits must be in 2..8")
+        count = group.get("count", 1)
+        if not isinstance(count, int) or count < 1:
+            raise JobConfigError(f"{path}: simulate.devices[{i}].count must be a positive integer")
+        for _ in range(count):
+            devices.append(SimDevice(f"dev{len(devices)}-{group['board']}", group["board"], budget))
+    if len(devices) < 2:
+        raise JobConfigError(f"{path}: simulate.devices must describe at least 2 devices")
+    base = raw
+    for kind, group in (("methods", methods), ("ablations", ablations)):
+        for name, overlay in group.items():
+            where = f"{path} [{kind}.{name}]"
+            if not isinstance(overlay, dict):
+                raise JobConfigError(f"{where} must be a table of job tables")
+            job_config_from_dict(_merge(base, overlay), source=where)
+    eval_bits = tuple(sim.get("eval_bits", EVAL_BITS_DEFAULT))
+    return Experiment(
+        path=path,
+        name=str(sim.get("name", path.stem)),
+        base=base,
+        methods=methods,
+        devices=devices,
+        eval_bits=eval_bits,
+        quick=dict(sim.get("quick", {})),
+        ablations=ablations,
+    )
+
+
+# --- the virtual fleet ---------------------------------------------------------------------------
+
+
+def measure_host_steps(
+    model_name: str, dataset: str, strategies: set[str], batch_size: int, rounds: int = 40
+) -> dict[str, float]:
+    """Median seconds of one training step per local method on this host (DESIGN 5).
+
+    Steps of the methods alternate, so load from other processes on a shared machine hits
+    them alike; `ptq` trains exactly as `fp` does and shares its figure.
+    """
+    import random
+
+    from bitfleet.models import create_model_for
+    from bitfleet.training import make_optimizer, train_step
+
+    spec = DATASET_SPECS[dataset]
+    gen = torch.Generator().manual_seed(0)
+    xb = torch.rand(batch_size, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
+    yb = torch.randint(0, spec.num_classes, (batch_size,), generator=gen)
+    runs = []
+    for strategy in sorted((strategies - {"ptq"}) | {"fp"}):
+        options = {"bits": 2} if strategy in ("qat", "apqn", "mpq") else {}
+        method = make_method(strategy, **options)
+        model = method.prepare(create_model_for(model_name, spec))
+        rng = random.Random(0)
+        method.begin_round(model, rng)
+        runs.append((strategy, model, make_optimizer(model, "adam", 1e-3), method, rng, []))
+    for i in range(rounds + 3):
+        for _, model, opt, method, rng, times in runs:
+            t0 = time.perf_counter()
+            train_step(model, opt, method, xb, yb, rng)
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+    out = {strategy: float(np.median(times)) for strategy, *_, times in runs}
+    out["ptq"] = out["fp"]
+    return out
+
+
+@dataclass
+class VirtualFleet:
+    """The devices of an experiment: their data slices, profiles and clocks."""
+
+    devices: list[SimDevice]
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    profiles: dict[str, dict[str, Any]]
+    host_steps: dict[str, float]
+
+    def clock(self, device: str):  # noqa: ANN201 - a BoardClock
+        board = self.profiles[device]["board"]
+        speed = float(board["relative_speed"])
+        overhead = float(board.get("qat_overhead") or 1.0)
+        t_fp = self.host_steps["fp"] / speed
+
+        def seconds(strategy: str, steps: int) -> float:
+            if strategy in QUANT_IN_FORWARD:
+                return steps * t_fp * overhead
+            host = self.host_steps.get(strategy, self.host_steps["fp"])
+            return steps * t_fp * host / self.host_steps["fp"]
+
+        return seconds
+
+    def registration(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """What the devices will say at registration, for allocation-only ablations."""
+        from bitfleet.data import label_histogram
+        from bitfleet.data.label_fit import fit_label_profile
+
+        data = {}
+        for dev, (_, y) in self.data.items():
+            hist = [int(c) for c in label_histogram(y.numpy(), range(len(y)), 10)]
+            data[dev] = {
+                "n_samples": len(y),
+                "label_hist": hist,
+                "label_fit": fit_label_profile(hist).to_dict(),
+            }
+        return self.profiles, data
+
+
+def build_fleet(exp: Experiment, data: ImageData, job: JobConfig, quick: bool) -> VirtualFleet:
+    """Split the training set over the devices (Dirichlet or IID, seeded) and give each its
+    board's profile with step times scaled from this host's."""
+    x, y = data.train_x, data.train_y
+    fraction = float(exp.quick.get("train_fraction", 1.0)) if quick else 1.0
+    if fraction < 1.0:
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(job.job.seed))
+        keep = keep[: int(len(y) * fraction)]
+        x, y = x[keep], y[keep]
+    parts = partition(
+        y.numpy(), len(exp.devices), job.data.partition, seed=job.job.seed, alpha=job.data.alpha
+    )
+    strategies = {job.allocation.strategy, job.allocation.qat_strategy, job.allocation.ptq_strategy}
+    for overlay in exp.methods.values():
+        a = overlay.get("allocation", {})
+        strategies |= {a.get(k) for k in ("strategy", "qat_strategy", "ptq_strategy")} - {None}
+    host_steps = measure_host_steps(
+        job.model.name, job.data.dataset, strategies, job.training.batch_size
+    )
+    machine = measure_machine()
+    fleet_data, profiles = {}, {}
+    for dev, idx in zip(exp.devices, parts, strict=True):
+        index = torch.from_numpy(idx).long()
+        fleet_data[dev.id] = (x[index], y[index])
+        board = load_profile(dev.board)
+        speed = board.relative_speed
+        steps = {
+            "t_fp": host_steps["fp"] / speed,
+            "t_qat": host_steps["fp"] / speed * board.qat_overhead,
+            "source": "simulated: host step time scaled by the profile",
+        }
+        summary = profile_summary(board, machine, steps)
+        summary["qat_overhead"] = board.qat_overhead  # the board's, not this host's ratio
+        if dev.budget_bits is not None:
+            summary["board"]["budget_bits"] = dev.budget_bits
+        profiles[dev.id] = summary
+    return VirtualFleet(exp.devices, fleet_data, profiles, host_steps)
+
+
+# --- running one method --------------------------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "method"
+
+
+def _job_dict(exp: Experiment, overlay: Mapping[str, Any], name: str, out: Path, quick: bool):
+    job = _merge(exp.base, overlay)
+    job.setdefault("job", {})
+    job["job"].update(name=_slug(f"{exp.name}-{name}"), fleet=_slug(f"sim-{name}"))
+    job["job"]["state_dir"] = str(out / "state" / _slug(name))
+    job.setdefault("rounds", {})
+    job["rounds"].setdefault("min_devices", len(exp.devices))
+    if quick:
+        for table, values in exp.quick.items():
+            if isinstance(values, dict):
+                job[table] = {**job.get(table, {}), **values}
+    return job
+
+
+class _RoundBar:
+    """One live line per method: rounds done, accuracy, simulated and host time."""
+
+    def __init__(self, method: str, rounds: int) -> None:
+        self.method, self.rounds = method, rounds
+        self.live = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.sim = 0.0
+
+    def __call__(self, report: RoundReport) -> None:
+        self.sim += report.sim_seconds
+        done = report.round + 1
+        width = 20
+        filled = int(width * done / self.rounds)
+        acc = " ".join(f"{b}-bit {a:.3f}" for b, a in report.acc_deploy.items())
+        line = (
+            f"{self.method:>14} [{'#' * filled}{'.' * (width - filled)}] round {done}/{self.rounds}"
+            f"  acc {report.acc_fp32:.3f} float, {acc}  sim {self.sim:7.0f} s"
+            f"  host {time.perf_counter() - self.t0:5.0f} s"
+        )
+        end = "\n" if done == self.rounds or not self.live else ""
+        print(("\r\033[K" if self.live else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def run_method(
+    exp: Experiment,
+    name: str,
+    overlay: Mapping[str, Any],
+    fleet: VirtualFleet,
+    data: ImageData,
+    out: Path,
+    *,
+    quick: bool,
+    broker: str | None,
+) -> tuple[dict[str, Any], Coordinator]:
+    """Run one method as a federated job; return its results entry and the coordinator."""
+    job = _job_dict(exp, overlay, name, out, quick)
+    cfg = job_config_from_dict(job, source=f"{exp.path} [methods.{name}]")
+    shutil.rmtree(cfg.job.state_dir, ignore_errors=True)
+    bus = InProcessBus() if broker is None else None
+    factory = bus.transport if bus is not None else None
+    bar = _RoundBar(name, cfg.training.rounds)
+    coordinator = Coordinator(
+        cfg, broker, transport_factory=factory, data=data, export=False, on_round=bar
+    )
+    make_agent = plugins.load("bitfleet.agents", "virtual")
+    agents = [
+        make_agent(
+            dev.id,
+            fleet=cfg.job.fleet,
+            profile=fleet.profiles[dev.id],
+            data=fleet.data[dev.id],
+            dataset=cfg.data.dataset,
+            model=cfg.model.name,
+            broker=broker,
+            transport_factory=factory,
+            clock=fleet.clock(dev.id),
+        )
+        for dev in fleet.devices
+    ]
+    errors: list[BaseException] = []
+
+    def serve(agent: Any) -> None:
+        try:
+            agent.run()
+        except BaseException as exc:  # noqa: BLE001 - reported after the job
+            errors.append(exc)
+
+    reports: list[RoundReport] = []
+
+    def coordinate() -> None:
+        try:
+            reports.extend(coordinator.run())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(a,), daemon=True) for a in agents]
+    t0 = time.perf_counter()
+    main = threading.Thread(target=coordinate, name=f"coordinator-{name}", daemon=True)
+    main.start()
+    # Boards register once on connect and repeat only every 10 s: let the coordinator listen
+    # first, as a daemon that was started before its fleet does.
+    while main.is_alive() and not (coordinator.transport and coordinator.transport.is_connected):
+        time.sleep(0.01)
+    for t in threads:
+        t.start()
+    try:
+        while main.is_alive():
+            main.join(0.5)
+    except KeyboardInterrupt:
+        coordinator.stop()
+        main.join()
+        raise
+    finally:
+        for agent in agents:
+            agent.stop()
+        for t in threads:
+            t.join(30)
+    host_s = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"method {name} failed: {errors[0]!r}") from errors[0]
+    return _method_results(exp, cfg, coordinator, reports, host_s), coordinator
+
+
+def _method_results(
+    exp: Experiment,
+    cfg: JobConfig,
+    coordinator: Coordinator,
+    reports: list[RoundReport],
+    host_s: float,
+) -> dict[str, Any]:
+    deploy = min(cfg.deploy.bits)
+    state = coordinator.global_state
+    acc_by_bits = {str(b): round(coordinator.evaluate_state(state, b), 4) for b in exp.eval_bits}
+    curve, sim = [], 0.0
+    for r in reports:
+        sim += r.sim_seconds
+        acc = r.acc_deploy.get(str(deploy))
+        curve.append([r.round + 1, round(sim, 2), None if acc is None else round(acc, 4)])
+    allocation = coordinator.allocation
+    result: dict[str, Any] = {
+        "final_acc": acc_by_bits.get(str(deploy)),
+        "final_acc_fp32": acc_by_bits.get("32"),
+        "deploy_bits": deploy,
+        "sim_seconds": round(sim, 2),
+        "host_seconds": round(host_s, 2),
+        "rounds": len(reports),
+        "curve": curve,
+        "assignment": dict(sorted(allocation.strategies.items())) if allocation else {},
+        "acc_by_bits": acc_by_bits,
+        "allocation_seconds": dict(coordinator.allocation_seconds),
+    }
+    if allocation is not None and allocation.significance:
+        result["significance"] = {
+            d: [round(x, 4), round(y, 4)] for d, (x, y) in sorted(allocation.significance.items())
+        }
+        result["rules"] = dict(sorted(allocation.rules.items()))
+    if coordinator.fine_report:
+        result["fine"] = coordinator.fine_report
+    if cfg.allocation.bits_from == "profile" or any(d.budget_bits for d in exp.devices):
+        # Devices deploy different bits: score each device's own deployed model.
+        budgets, accs = {}, {}
+        for dev in sorted(coordinator.assignments):
+            record = coordinator.store.device(dev)
+            budgets[dev] = coordinator.device_budget(record.profile if record else {})
+            bits = coordinator.device_deploy_bits(dev)
+            accs[dev] = round(coordinator.evaluate_state(state, bits), 4)
+        result["device_budget"] = budgets
+        result["device_acc"] = accs
+        if cfg.allocation.bits_from == "profile":
+            result["final_acc"] = round(float(np.mean(list(accs.values()))), 4)
+            result["deploy_bits"] = "per-device budget"
+        layer_bits = {d: b for d, b in coordinator.layer_bits.items()}
+        if layer_bits:
+            result["layer_bits"] = layer_bits
+    return result
+
+
+# --- the experiment ------------------------------------------------------------------------------
+
+
+def _capture(methods: Mapping[str, dict], name: str) -> dict[str, float] | None:
+    """FedHQ's two captures for method `name`, against all-QAT and all-PTQ."""
+    try:
+        q, p, m = methods["all_qat"], methods["all_ptq"], methods[name]
+    except KeyError:
+        return None
+    t_span = q["sim_seconds"] - p["sim_seconds"]
+    a_span = q["final_acc"] - p["final_acc"]
+    speed = (q["sim_seconds"] - m["sim_seconds"]) / t_span if t_span else None
+    acc = (m["final_acc"] - p["final_acc"]) / a_span if a_span else None
+    return {
+        "speed_capture": None if speed is None else round(speed, 4),
+        "acc_capture": None if acc is None else round(acc, 4),
+    }
+
+
+def _with_sum(capture: dict[str, Any]) -> dict[str, Any]:
+    parts = (capture["speed_capture"], capture["acc_capture"])
+    total = None if None in parts else round(parts[0] + parts[1], 4)
+    return {**capture, "sum": total}
+
+
+def _summary(methods: Mapping[str, dict], devices: list[SimDevice]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in methods:
+        if name in ("all_qat", "all_ptq"):
+            continue
+        cap = _capture(methods, name)
+        if cap is not None:
+            out[name] = _with_sum(cap)
+    if "mqat" in methods and "fp" in methods:
+        m, f = methods["mqat"]["acc_by_bits"], methods["fp"]["acc_by_bits"]
+        out["robustness"] = {
+            "mqat_4_minus_32": round(m["4"] - m["32"], 4),
+            "mqat_2_minus_fp_2": round(m["2"] - f["2"], 4),
+        }
+    if "fedmpq" in methods and "device_acc" in methods["fedmpq"]:
+        low = [d.id for d in devices if d.budget_bits == 2]
+        means = {}
+        for name, m in methods.items():
+            if "device_acc" in m:
+                means[name] = {
+                    "mean_acc_2bit_devices": round(
+                        float(np.mean([m["device_acc"][d] for d in low])), 4
+                    )
+                    if low
+                    else None,
+                    "mean_acc_all_devices": round(
+                        float(np.mean(list(m["device_acc"].values()))), 4
+                    ),
+                }
+        out["fedmpq"] = means
+    return out
+
+
+def run_experiment(
+    path: str | Path, out: str | Path, *, quick: bool = False, broker: str | None = None
+) -> dict[str, Any]:
+    """Run every method of an experiment file; write results.json, report.md and plots."""
+    from .simulate_report import write_report
+
+    exp = load_experiment(path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    first = _job_dict(exp, next(iter(exp.methods.values())), "base", out, quick)
+    base_cfg = job_config_from_dict(first, source=str(exp.path))
+    data = load_dataset(base_cfg.data.dataset, data_dir=base_cfg.data.data_dir)
+    fleet = build_fleet(exp, data, base_cfg, quick)
+    print(
+        f"bitfleet simulate {exp.name}: {len(exp.devices)} virtual devices, "
+        f"{len(exp.methods)} methods{' (quick)' if quick else ''}; host step times "
+        + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in fleet.host_steps.items()),
+        file=sys.stderr,
+        flush=True,
+    )
+    methods: dict[str, dict[str, Any]] = {}
+    by_assignment: dict[str, str] = {}
+    for name, overlay in exp.methods.items():
+        methods[name], _ = run_method(
+            exp, name, overlay, fleet, data, out, quick=quick, broker=broker
+        )
+        by_assignment.setdefault(_assignment_key(exp, overlay, methods[name]), name)
+        _write(out, exp, quick, methods, {}, t0)  # keep what is done if a later method fails
+    ablations = _run_ablations(exp, fleet, data, out, quick, broker, methods, by_assignment)
+    results = _write(out, exp, quick, methods, ablations, t0)
+    write_report(results, out)
+    return results
+
+
+def _assignment_key(exp: Experiment, overlay: Mapping[str, Any], result: dict) -> str:
+    """Two runs with the same training setup and the same assignment compute the same thing."""
+    job = _merge(exp.base, overlay)
+    setup = {k: v for k, v in job.items() if k != "allocation"}
+    a = dict(job.get("allocation", {}))
+    for key in ("mode", "xi", "a", "p_qat", "speed_rule", "acc_rule", "fine", "time_weight"):
+        a.pop(key, None)
+    return json.dumps([setup, a, result["assignment"]], sort_keys=True, default=str)
+
+
+def _run_ablations(
+    exp: Experiment,
+    fleet: VirtualFleet,
+    data: ImageData,
+    out: Path,
+    quick: bool,
+    broker: str | None,
+    methods: dict[str, dict],
+    by_assignment: dict[str, str],
+) -> dict[str, Any]:
+    """Each ablation is a FedHQ variant (xi, SigAcc rule...). Its coarse allocation is computed
+    first; where it equals a method already run, that run's results are its results (same
+    seeds, same computation), otherwise it is trained like a method."""
+    results: dict[str, Any] = {}
+    profiles, reg_data = fleet.registration()
+    for name, overlay in exp.ablations.items():
+        job = _job_dict(exp, overlay, name, out, quick)
+        cfg = job_config_from_dict(job, source=f"{exp.path} [ablations.{name}]")
+        entry: dict[str, Any] = {"allocation": dict(overlay.get("allocation", {}))}
+        if not cfg.allocation.fine:
+            fleet_in = AllocationInput(
+                profiles=profiles,
+                data=reg_data,
+                local_epochs=cfg.training.local_epochs,
+                batch_size=cfg.training.batch_size,
+                model_bytes=_model_bytes(cfg),
+            )
+            alloc = make_allocation_rule(cfg.allocation, cfg.job.seed).allocate(fleet_in)
+            key = _assignment_key(
+                exp, overlay, {"assignment": dict(sorted(alloc.strategies.items()))}
+            )
+            same = by_assignment.get(key)
+        else:
+            same = None
+        if same is not None:
+            run = methods[same]
+            entry["same_assignment_as"] = same
+        else:
+            run, _ = run_method(exp, name, overlay, fleet, data, out, quick=quick, broker=broker)
+            by_assignment.setdefault(_assignment_key(exp, overlay, run), name)
+        entry.update(
+            assignment=run["assignment"],
+            final_acc=run["final_acc"],
+            sim_seconds=run["sim_seconds"],
+            qat_devices=sum(1 for s in run["assignment"].values() if s in QUANT_IN_FORWARD),
+        )
+        methods_with = {**methods, name: run}
+        cap = _capture(methods_with, name)
+        if cap is not None:
+            entry.update(_with_sum(cap))
+        results[name] = entry
+    return results
+
+
+def _model_bytes(cfg: JobConfig) -> int:
+    from bitfleet.models import create_model_for
+
+    model = create_model_for(cfg.model.name, DATASET_SPECS[cfg.data.dataset])
+    return sum(v.numel() * v.element_size() for v in model.state_dict().values())
+
+
+def _write(
+    out: Path,
+    exp: Experiment,
+    quick: bool,
+    methods: dict[str, dict],
+    ablations: dict[str, Any],
+    t0: float,
+) -> dict[str, Any]:
+    alloc = {"coarse": 0.0, "fine": 0.0}
+    for m in methods.values():
+        for k in alloc:
+            alloc[k] = max(alloc[k], float(m.get("allocation_seconds", {}).get(k, 0.0)))
+    results = {
+        "config": str(exp.path),
+        "experiment": exp.name,
+        "quick": quick,
+        "devices": [d.__dict__ for d in exp.devices],
+        "time_note": TIME_NOTE,
+        "allocation_seconds": {k: round(v, 4) for k, v in alloc.items()},
+        "methods": methods,
+        "ablations": ablations,
+        "summary": _summary(methods, exp.devices),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    tmp = out / "results.json.part"
+    tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
+    tmp.replace(out / "results.json")
+    return results
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="reproduce an experiment with many virtual boards in one process",
+        description="Runs every method of an experiment file (experiments/*.toml) as a "
+        "federated job through the coordinator's own code, with virtual boards from profiles/ "
+        "on an in-process bus (or --broker). Writes DIR/results.json, DIR/report.md and plots.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="experiment TOML file")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--quick", action="store_true", help="the file's [simulate.quick] settings (fewer rounds)"
+    )
+    p.add_argument(
+        "--broker", metavar="URL", help="run over this MQTT broker instead of in-process"
+    )
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    results = run_experiment(args.config, args.out, quick=args.quick, broker=args.broker)
+    for name, m in results["methods"].items():
+        print(
+            f"{name:>16}: acc {m['final_acc']} at {m['deploy_bits']} bits, "
+            f"fp32 {m['final_acc_fp32']}, {m['sim_seconds']:.0f} s simulated, "
+            f"{m['host_seconds']:.0f} s host"
+        )
+    if results["summary"]:
+        print("summary:", json.dumps(results["summary"]))
+    print(f"wrote {Path(args.out) / 'results.json'} and report.md in {results['seconds']:.0f} s")
+    return 0

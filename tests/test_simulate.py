@@ -1,0 +1,137 @@
+"""`bitfleet simulate` end to end on tiny data: the daemon's code over the in-process bus and
+over a real Mosquitto, results.json's contract, the report, and bad experiment files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bitfleet.cli.main import main
+from bitfleet.protocol.inprocess import InProcessBus, topic_matches
+from coordinator.config import JobConfigError
+from coordinator.simulate import load_experiment, run_experiment
+from tests.tiny_fmnist import make_tiny_fmnist
+
+EXPERIMENT = """
+[simulate]
+name = "tiny"
+eval_bits = [32, 4, 2]
+devices = [
+    {{ board = "rpi4", count = 2 }},
+    {{ board = "rpi5", count = 1 }},
+    {{ board = "jetson-nano", count = 1, budget_bits = 2 }},
+]
+[simulate.quick]
+training = {{ rounds = 1 }}
+[data]
+data_dir = "{data}"
+alpha = 0.5
+[training]
+rounds = 2
+local_epochs = 0.5
+batch_size = 32
+[rounds]
+quorum = 1.0
+deadline_s = 60.0
+register_timeout_s = 30.0
+[deploy]
+bits = [2]
+[allocation]
+bits = 2
+[methods.fedhq]
+allocation = {{ mode = "fedhq", fine = true, fine_candidates = 2, xi = 1.0, a = 0.0 }}
+[methods.all_qat]
+allocation = {{ mode = "fixed", strategy = "qat" }}
+[methods.all_ptq]
+allocation = {{ mode = "fixed", strategy = "ptq" }}
+[methods.mpq]
+allocation = {{ mode = "fixed", strategy = "mpq", bits_from = "profile" }}
+[ablations."xi=0.3"]
+allocation = {{ mode = "fedhq", xi = 0.3 }}
+"""
+
+
+@pytest.fixture
+def experiment(tmp_path: Path) -> Path:
+    data = make_tiny_fmnist(tmp_path / "fmnist", n_train=400, n_test=100)
+    path = tmp_path / "tiny.toml"
+    path.write_text(EXPERIMENT.format(data=data))
+    return path
+
+
+def test_simulate_writes_results_report_and_plots(experiment: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(experiment), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"fedhq", "all_qat", "all_ptq", "mpq"}
+    for m in results["methods"].values():
+        assert {"final_acc", "final_acc_fp32", "deploy_bits", "sim_seconds", "host_seconds",
+                "rounds", "curve", "assignment", "acc_by_bits"} <= set(m)  # fmt: skip
+        assert m["rounds"] == 2 and len(m["curve"]) == 2
+        assert set(m["acc_by_bits"]) == {"32", "4", "2"}
+        assert m["curve"][-1][1] == pytest.approx(m["sim_seconds"], rel=1e-6)
+        assert len(m["assignment"]) == 4
+    assert set(results["methods"]["all_qat"]["assignment"].values()) == {"qat"}
+    fedhq = results["methods"]["fedhq"]
+    assert set(fedhq["significance"]) == set(fedhq["assignment"])
+    assert fedhq["fine"]["candidates"]  # the fine stage ran its trials
+    # QAT on these boards costs more per step than float: all-QAT rounds are longer.
+    assert (
+        results["methods"]["all_qat"]["sim_seconds"] > results["methods"]["all_ptq"]["sim_seconds"]
+    )
+    assert results["allocation_seconds"]["coarse"] < 1.0
+    assert results["allocation_seconds"]["fine"] > 0.0
+    mpq = results["methods"]["mpq"]
+    budgets = mpq["device_budget"]
+    assert budgets["dev3-jetson-nano"] == 2 and set(mpq["device_acc"]) == set(budgets)
+    assert set(mpq["layer_bits"]["dev3-jetson-nano"].values()) == {2}
+    assert "xi=0.3" in results["ablations"]
+    assert {"speed_capture", "acc_capture"} <= set(results["summary"]["fedhq"])
+    for name in ("report.md", "accuracy_vs_time.png", "accuracy_vs_bits.png", "allocation.png"):
+        assert (out / name).stat().st_size > 0
+    assert "fedhq" in (out / "report.md").read_text()
+
+
+def test_simulate_runs_over_a_real_broker(experiment: Path, tmp_path: Path, mosquitto) -> None:
+    text = experiment.read_text()
+    only_two = text.split("[methods.fedhq]")[0] + (
+        '[methods.all_qat]\nallocation = { mode = "fixed", strategy = "qat" }\n'
+    )
+    experiment.write_text(only_two)
+    results = run_experiment(
+        experiment, tmp_path / "out", quick=True, broker=f"mqtt://127.0.0.1:{mosquitto.port}"
+    )
+    m = results["methods"]["all_qat"]
+    assert m["rounds"] == 1 and len(m["assignment"]) == 4
+
+
+def test_bad_experiment_files_say_what_is_wrong(tmp_path: Path, experiment: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(experiment.read_text().replace('board = "rpi5"', 'board = "pi9000"'))
+    with pytest.raises(JobConfigError, match=r"simulate.devices\[1\].board"):
+        load_experiment(bad)
+    bad.write_text(experiment.read_text().replace('strategy = "ptq"', 'strategy = "magic"'))
+    with pytest.raises(JobConfigError, match=r"methods.all_ptq.*allocation.strategy"):
+        load_experiment(bad)
+    bad.write_text("[methods.a]\n")
+    with pytest.raises(JobConfigError, match=r"\[simulate\]"):
+        load_experiment(bad)
+    with pytest.raises(FileNotFoundError):
+        load_experiment(tmp_path / "missing.toml")
+
+
+def test_in_process_bus_matches_topics_and_keeps_retained_messages() -> None:
+    assert topic_matches("a/+/c", "a/b/c") and not topic_matches("a/+/c", "a/b/d")
+    assert topic_matches("a/#", "a/b/c") and not topic_matches("a/+", "a/b/c")
+    bus = InProcessBus()
+    got: list[tuple[str, bytes]] = []
+    bus.publish("f/register/d1", b"hello", retain=True)
+    sub = bus.transport("c", lambda t, p: got.append((t, p)), subscriptions=["f/register/+"])
+    sub.start()
+    will = bus.transport("d2", lambda t, p: None, will=("f/register/d2", b"bye", False))
+    will.start()
+    will._kill()  # vanishing without stop(): the bus publishes the last will
+    sub.stop()
+    assert got == [("f/register/d1", b"hello"), ("f/register/d2", b"bye")]

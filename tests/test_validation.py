@@ -1,0 +1,403 @@
+"""Validation of inbound updates (one reason per rule, each counted) and robust aggregation."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bitfleet.protocol import (
+    MqttTransport,
+    Reassembler,
+    Topics,
+    encode_message,
+    make_message,
+    pack_state,
+    parse_broker_url,
+    split_payload,
+    unpack_state,
+)
+from coordinator import strategies
+from coordinator.config import JobConfigError, ValidationSection, job_config_from_dict
+from coordinator.strategies import (
+    CoordinateMedian,
+    RunningMean,
+    TrimmedMean,
+    make_aggregator,
+)
+from coordinator.validation import REASONS, UpdateValidator, delta_norm
+from tests.test_fleet import FLEET, job, run_coordinator, start_agent, stop_all
+from tests.tiny_fmnist import make_tiny_fmnist
+
+State = dict[str, torch.Tensor]
+
+
+def model_state(seed: int = 0) -> State:
+    """A small state dict with a float weight, a bias and an integer buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "fc.weight": torch.randn(3, 4, generator=gen),
+        "fc.bias": torch.randn(3, generator=gen),
+        "bn.num_batches_tracked": torch.tensor(seed, dtype=torch.int64),
+    }
+
+
+def with_delta(base: State, norm: float, seed: int = 1) -> State:
+    """`base` plus a random delta of exactly `norm` over its floating tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    deltas = {
+        k: torch.randn(t.shape, generator=gen) for k, t in base.items() if t.is_floating_point()
+    }
+    scale = norm / math.sqrt(sum(float((d**2).sum()) for d in deltas.values()))
+    return {k: t + scale * deltas[k] if k in deltas else t.clone() for k, t in base.items()}
+
+
+# --- one reason per rule ----------------------------------------------------------------------
+
+
+def _set(key: str, value: torch.Tensor) -> Callable[[State], None]:
+    return lambda s: s.__setitem__(key, value)
+
+
+def _nan(s: State) -> None:
+    s["fc.bias"][1] = float("nan")
+
+
+def _inf(s: State) -> None:
+    s["fc.weight"][0, 0] = float("-inf")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (_set("backdoor.weight", torch.zeros(2)), "unknown_tensor"),
+        (lambda s: s.pop("fc.bias"), "missing_tensor"),
+        (_set("fc.weight", torch.zeros(4, 3)), "bad_shape"),
+        (_set("bn.num_batches_tracked", torch.zeros(1, dtype=torch.int64)), "bad_shape"),
+        (_set("fc.weight", torch.zeros(3, 4, dtype=torch.float64)), "bad_dtype"),
+        (_set("bn.num_batches_tracked", torch.tensor(0, dtype=torch.int32)), "bad_dtype"),
+        (_nan, "non_finite"),
+        (_inf, "non_finite"),
+    ],
+)
+def test_each_structural_reason(mutate: Callable[[State], None], reason: str) -> None:
+    validator = UpdateValidator(mode="reject")
+    update = model_state(1)
+    mutate(update)
+    verdict = validator.check(update, model_state(0))
+    assert (verdict.accepted, verdict.reason, verdict.state) == (False, reason, None)
+    assert verdict.detail  # says which tensor
+    with pytest.raises(ValueError, match=reason):
+        validator.observe(verdict)  # a refused update never enters the window
+
+
+def test_every_reason_is_listed() -> None:
+    assert set(REASONS) == {
+        "unknown_tensor",
+        "missing_tensor",
+        "bad_shape",
+        "bad_dtype",
+        "non_finite",
+        "norm_outlier",
+    }
+
+
+def test_a_good_update_passes_as_sent() -> None:
+    glob, update = model_state(0), model_state(1)
+    off = UpdateValidator(mode="off").check(update, glob)
+    assert off.accepted and off.state is update and off.norm is None
+    judged = UpdateValidator(mode="clip").check(update, glob)
+    assert judged.state is update and judged.scale == 1.0
+    assert judged.norm == pytest.approx(
+        math.sqrt(sum(float(((update[k] - glob[k]) ** 2).sum()) for k in ("fc.weight", "fc.bias")))
+    )
+    assert delta_norm(glob, glob) == 0.0
+
+
+# --- the norm rule --------------------------------------------------------------------------
+
+
+def _warm(validator: UpdateValidator, glob: State, norms: list[float]) -> None:
+    for i, n in enumerate(norms):
+        verdict = validator.check(with_delta(glob, n, seed=i), glob)
+        assert verdict.accepted, verdict.detail
+        validator.observe(verdict)
+
+
+def test_clipping_scales_a_100x_update_to_the_threshold() -> None:
+    glob = model_state(0)
+    validator = UpdateValidator(mode="clip", factor=3.0, min_history=5)
+    _warm(validator, glob, [0.8, 1.0, 1.0, 1.2, 1.1])
+    assert validator.threshold() == pytest.approx(3.0)
+    attack = with_delta(glob, 100.0, seed=42)
+    verdict = validator.check(attack, glob)
+    assert verdict.accepted and verdict.norm == pytest.approx(100.0)
+    assert verdict.scale == pytest.approx(0.03) and "median" in verdict.detail
+    clipped = verdict.state
+    assert clipped is not None
+    assert delta_norm(clipped, glob) == pytest.approx(3.0, rel=1e-5)
+    for k in ("fc.weight", "fc.bias"):  # same direction, shorter
+        torch.testing.assert_close(clipped[k] - glob[k], 0.03 * (attack[k] - glob[k]))
+        assert clipped[k].dtype == glob[k].dtype
+    assert torch.equal(clipped["bn.num_batches_tracked"], attack["bn.num_batches_tracked"])
+    validator.observe(verdict)  # the window remembers the clipped norm, not the attacker's
+    assert validator.threshold() == pytest.approx(3.0 * (1.0 + 1.1) / 2)  # median of 6, with 3.0
+
+
+def test_reject_mode_drops_the_100x_update_and_forgets_it() -> None:
+    glob = model_state(0)
+    validator = UpdateValidator(mode="reject", factor=3.0, min_history=5)
+    _warm(validator, glob, [0.8, 1.0, 1.0, 1.2, 1.1])
+    verdict = validator.check(with_delta(glob, 100.0, seed=42), glob)
+    assert (verdict.reason, verdict.state) == ("norm_outlier", None)
+    assert verdict.norm == pytest.approx(100.0)
+    assert validator.check(with_delta(glob, 2.9), glob).accepted  # just under 3 x median
+    assert validator.threshold() == pytest.approx(3.0)
+
+
+def test_the_first_min_history_updates_are_not_judged() -> None:
+    """Streaming arrival: nothing is known about the scale until min_history norms are in."""
+    glob = model_state(0)
+    validator = UpdateValidator(mode="reject", factor=2.0, min_history=4, window=4)
+    _warm(validator, glob, [1.0, 50.0, 0.1, 20.0])  # wild spread, yet no false rejection
+    assert validator.threshold() == pytest.approx(2.0 * (1.0 + 20.0) / 2)
+    # The window slides: after four updates of norm 1 the old ones are forgotten.
+    _warm(validator, glob, [1.0, 1.0, 1.0, 1.0])
+    assert validator.threshold() == pytest.approx(2.0)
+    assert validator.check(with_delta(glob, 5.0), glob).reason == "norm_outlier"
+
+
+def test_check_has_no_side_effect_and_a_zero_median_judges_nothing() -> None:
+    glob = model_state(0)
+    validator = UpdateValidator(mode="reject", factor=2.0, min_history=2)
+    for _ in range(3):
+        validator.check(with_delta(glob, 1.0), glob)
+    assert validator.threshold() is None  # checked, never observed
+    _warm(validator, glob, [0.0, 0.0])  # every device sent the global model back
+    assert validator.threshold() is None
+    assert validator.check(with_delta(glob, 7.0), glob).accepted
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "what"),
+    [
+        ({"mode": "drop"}, "mode"),
+        ({"factor": 0.5}, "factor"),
+        ({"factor": float("nan")}, "factor"),
+        ({"min_history": 0}, "min_history"),
+        ({"min_history": 10, "window": 5}, "min_history"),
+    ],
+)
+def test_validator_rejects_bad_settings(kwargs: dict, what: str) -> None:
+    with pytest.raises(ValueError, match=what):
+        UpdateValidator(**kwargs)
+
+
+# --- robust aggregation ---------------------------------------------------------------------
+
+
+def _stack(updates: list[State], key: str) -> np.ndarray:
+    return np.stack([u[key].numpy().astype(np.float64) for u in updates])
+
+
+def _np_trimmed(a: np.ndarray, trim: float) -> np.ndarray:
+    cut = int(trim * a.shape[0])
+    return np.sort(a, axis=0)[cut : a.shape[0] - cut].mean(axis=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 11])
+@pytest.mark.parametrize("block", [strategies._BLOCK, 7])  # 7: many small coordinate blocks
+def test_trimmed_mean_and_median_match_numpy(
+    n: int, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(strategies, "_BLOCK", block)
+    updates = [model_state(seed) for seed in range(n)]
+    trimmed, median = TrimmedMean(updates[0], trim=0.2), CoordinateMedian(updates[0])
+    for i, u in enumerate(updates):
+        trimmed.add(u, weight=1.0 + i)  # weights are checked, not used
+        median.add(u, weight=1.0 + i)
+    assert trimmed.count == median.count == n
+    got_t, got_m = trimmed.mean(), median.mean()
+    assert set(got_t) == set(got_m) == {"fc.weight", "fc.bias"}  # int buffers stay global
+    for k in got_t:
+        assert got_t[k].dtype == got_m[k].dtype == torch.float32
+        np.testing.assert_allclose(got_t[k].numpy(), _np_trimmed(_stack(updates, k), 0.2), 1e-6)
+        np.testing.assert_allclose(got_m[k].numpy(), np.median(_stack(updates, k), axis=0), 1e-6)
+
+
+def test_robust_rules_survive_one_huge_outlier_where_the_mean_does_not() -> None:
+    honest = [model_state(seed) for seed in range(5)]
+    attack = {k: (t + 1e6 if t.is_floating_point() else t) for k, t in honest[0].items()}
+    rules = {
+        "mean": RunningMean(honest[0]),
+        "trimmed_mean": TrimmedMean(honest[0], trim=0.2),  # 6 updates: one cut per side
+        "median": CoordinateMedian(honest[0]),
+    }
+    for agg in rules.values():
+        for u in [*honest, attack]:
+            agg.add(u, 1.0)
+    for k in ("fc.weight", "fc.bias"):
+        lo, hi = _stack(honest, k).min(axis=0), _stack(honest, k).max(axis=0)
+        assert (rules["mean"].mean()[k].numpy() > 1e5).all()
+        for name in ("trimmed_mean", "median"):
+            got = rules[name].mean()[k].numpy()
+            assert ((got >= lo - 1e-6) & (got <= hi + 1e-6)).all(), name
+
+
+def test_make_aggregator_and_bad_input() -> None:
+    tmpl = model_state(0)
+    assert isinstance(make_aggregator("mean", tmpl, trim=0.3), RunningMean)
+    assert make_aggregator("trimmed_mean", tmpl, trim=0.3).trim == 0.3  # type: ignore[union-attr]
+    assert isinstance(make_aggregator("median", tmpl, trim=0.3), CoordinateMedian)
+    with pytest.raises(ValueError, match="unknown aggregation 'krum'"):
+        make_aggregator("krum", tmpl)
+    with pytest.raises(ValueError, match="trim"):
+        TrimmedMean(tmpl, trim=0.5)
+    agg = CoordinateMedian(tmpl)
+    with pytest.raises(ValueError, match="undefined"):
+        agg.mean()
+    with pytest.raises(ValueError, match="weight"):
+        agg.add(tmpl, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        agg.add({**tmpl, "fc.bias": torch.full((3,), float("nan"))}, 1.0)
+    assert agg.count == 0  # a refused update leaves nothing behind
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def test_defaults_and_wiring() -> None:
+    cfg = job_config_from_dict({})
+    assert cfg.validation == ValidationSection(mode="clip", factor=10.0, min_history=5, window=100)
+    assert (cfg.server.aggregation, cfg.server.trim) == ("mean", 0.2)
+    cfg = job_config_from_dict(
+        {"server": {"aggregation": "trimmed_mean", "trim": 0.1}, "validation": {"mode": "off"}}
+    )
+    agg = make_aggregator(cfg.server.aggregation, model_state(), trim=cfg.server.trim)
+    assert isinstance(agg, TrimmedMean) and agg.trim == 0.1
+    assert cfg.to_dict()["validation"]["mode"] == "off"
+
+
+@pytest.mark.parametrize(
+    ("tables", "where", "what"),
+    [
+        ({"validation": {"mode": "drop"}}, "validation.mode", "reject"),
+        ({"validation": {"factor": 0.5}}, "validation.factor", ">= 1"),
+        ({"validation": {"factor": "big"}}, "validation.factor", "number"),
+        ({"validation": {"min_history": 0}}, "validation.min_history", ">= 1"),
+        ({"validation": {"window": 0}}, "validation.window", ">= 1"),
+        (
+            {"validation": {"min_history": 20, "window": 10}},
+            "validation.min_history",
+            "<= validation.window",
+        ),
+        ({"validation": {"windw": 3}}, "validation.windw", "did you mean 'window'"),
+        ({"server": {"aggregation": "krum"}}, "server.aggregation", "trimmed_mean"),
+        ({"server": {"trim": 0.5}}, "server.trim", "< 0.5"),
+        ({"server": {"trim": -0.1}}, "server.trim", ">= 0"),
+    ],
+)
+def test_config_errors_name_the_key(tables: dict, where: str, what: str) -> None:
+    with pytest.raises(JobConfigError) as info:
+        job_config_from_dict(tables, source="job.toml")
+    msg = str(info.value)
+    assert "job.toml" in msg and where in msg and what in msg, msg
+
+
+# --- end to end against a real Mosquitto ------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = make_tiny_fmnist(tmp_path / "data", n_train=900, n_test=300)
+    monkeypatch.setenv("BITFLEET_DATA_DIR", str(folder))
+    return folder
+
+
+def _forged(job_id: str, glob: State) -> list[tuple[str, bytes]]:
+    """(reason, update payload) for a1 in round 1, one per rule, then two valid copies."""
+
+    def update(state: State | bytes, rnd: int = 1, job: str = job_id) -> bytes:
+        meta = {"round": rnd, "job_id": job, "n_samples": 300, "train_loss": 1.0}
+        blob = state if isinstance(state, bytes) else pack_state(state)
+        [chunk] = split_payload(
+            "update", make_message("update", {**meta, "train_seconds": 1.0}), blob
+        )
+        return chunk
+
+    weight = "classifier.4.weight"
+    nan = {**glob, weight: glob[weight].clone()}
+    nan[weight][0, 0] = float("nan")
+    return [
+        ("non_finite", update(nan)),
+        ("bad_shape", update({**glob, weight: glob[weight].t().contiguous()})),
+        ("bad_dtype", update({**glob, weight: glob[weight].double()})),
+        ("unknown_tensor", update({**glob, "backdoor": torch.zeros(1)})),
+        ("missing_tensor", update({k: v for k, v in glob.items() if k != weight})),
+        (
+            "norm_outlier",
+            update({k: v + 10 if v.is_floating_point() else v for k, v in glob.items()}),
+        ),
+        ("wrong_job", update(glob, job="someone-elses-job")),
+        ("bad_tensors", update(b"not safetensors")),
+        ("late_or_unexpected", update(glob, rnd=0)),
+        ("valid", update(glob)),  # takes a1's slot (the broker's ACL is what prevents this) ...
+        ("duplicate", update(glob)),  # ... so the same again is a duplicate
+    ]
+
+
+def test_forged_updates_are_dropped_with_their_reasons_and_the_job_completes(
+    mosquitto, tiny_data, tmp_path: Path
+) -> None:
+    """A client without an ACL publishes on a1's topics at the start of round 1."""
+    topics = Topics(fleet=FLEET)
+    reassembler = Reassembler(max_bytes=2**24, max_chunks=16, timeout_s=60)
+    forged: list[tuple[str, bytes]] = []
+    data = {"n_samples": 1, "label_hist": [1]}
+    sent = threading.Event()
+    intruder: MqttTransport
+
+    def on_task(topic: str, payload: bytes) -> None:
+        done = reassembler.add(payload)
+        if done is None:
+            return
+        if done.meta["round"] == 0:  # prepare while the agents train, strike at once in round 1
+            forged.extend(_forged(done.meta["job_id"], unpack_state(done.blob)))
+        elif done.meta["round"] == 1:
+            for _, chunk in forged:
+                intruder.publish(topics.update("a1"), chunk)
+            imposter = {"device_id": "a9", "profile": {}, "data": data, "sent_at": 0.0}
+            intruder.publish(topics.register("a1"), encode_message("register", imposter))
+            sent.set()
+
+    # a0's task goes out first in each round, before the agents start training
+    intruder = MqttTransport(
+        parse_broker_url(mosquitto.url),
+        client_id="intruder",
+        on_message=on_task,
+        subscriptions=[topics.task("a0")],
+    )
+    intruder.start(timeout=10)
+    agents = [start_agent(mosquitto.url, i, tmp_path) for i in range(3)]
+    try:
+        cfg = job(tmp_path)
+        cfg["validation"] = {"mode": "reject", "min_history": 3}  # round 0's three norms
+        coordinator, reports = run_coordinator(cfg, mosquitto.url)
+    finally:
+        intruder.stop()
+        stop_all(agents)
+    assert sent.is_set()
+    assert [r.round for r in reports] == [0, 1]
+    assert all(r.received == ["a0", "a1", "a2"] for r in reports)
+    dropped = coordinator.dropped
+    for reason in [r for r, _ in forged[:-2]] + ["bad_device_id"]:
+        assert dropped.get(reason) == 1, (reason, dropped)
+    # a1's own update arrives as a duplicate too if the round is still open by then
+    assert dropped.get("duplicate") in (1, 2), dropped
+    assert reports[0].dropped == {} and reports[1].dropped == dropped
+    assert math.isfinite(reports[-1].train_loss) and reports[-1].acc_fp32 is not None
