@@ -1,15 +1,23 @@
-"""An in-process MQTT broker (amqtt) so that `bitfleet demo` works on a bare machine.
+"""Brokers bitfleet starts itself: an in-process one (amqtt), and a Mosquitto process.
 
-Production fleets use Mosquitto (or a clustered broker, DESIGN section 9); this one exists so
-that one command needs nothing installed beyond the Python package.
+Production fleets use Mosquitto (or a clustered broker, DESIGN section 9). The embedded amqtt
+broker exists so that `bitfleet demo` needs nothing installed beyond the Python package;
+`MosquittoProcess` runs the real one where a command needs what only Mosquitto has (TLS with
+the provisioned accounts and ACL for `demo --secure`, thousands of connections for
+`bench fleet`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import socket
+import subprocess
 import threading
+import time
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -99,6 +107,81 @@ class EmbeddedBroker:
         self._thread = None
 
     def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def find_mosquitto() -> str:
+    """The mosquitto binary: `$MOSQUITTO`, Debian's /usr/sbin/mosquitto, or one on PATH."""
+    for candidate in (
+        os.environ.get("MOSQUITTO"),
+        "/usr/sbin/mosquitto",
+        shutil.which("mosquitto"),
+    ):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(
+        "mosquitto is not installed: `sudo apt-get install mosquitto` (scripts/install.sh does "
+        "it), or set MOSQUITTO to its path"
+    )
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class MosquittoProcess:
+    """A mosquitto process with the config file `config`, listening on `host:port`.
+
+    The config must name that listener; its output goes to `log`. Started by root, Mosquitto
+    drops to its own user unless the config says `user root`.
+    """
+
+    def __init__(self, config: Path, port: int, log: Path, host: str = "127.0.0.1") -> None:
+        self.config = config
+        self.port = port
+        self.host = host
+        self.log = log
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> MosquittoProcess:
+        """Start it and wait until the port accepts connections; RuntimeError shows its log."""
+        binary = find_mosquitto()
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self._process = subprocess.Popen(
+                [binary, "-c", str(self.config)], stdout=out, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while not _accepts(self.host, self.port):
+            code = self._process.poll()
+            if code is not None or time.monotonic() > deadline:
+                self.stop()
+                why = f"exited with code {code}" if code is not None else f"not up in {timeout} s"
+                log_text = self.log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"mosquitto on port {self.port} {why}; its log:\n{log_text}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Terminate it (a no-op when it is not running)."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> MosquittoProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from bitfleet.data import DATASET_SPECS, PARTITION_SCHEMES
 from bitfleet.models import MODELS
-from bitfleet.quant import FLOAT_BITS, METHODS, SUPPORTED_BITS
+from bitfleet.quant import FLOAT_BITS, METHODS, STEP_MODES, SUPPORTED_BITS
 from bitfleet.training import OPTIMIZERS
 
 from .strategies import AGGREGATIONS, STRATEGIES
@@ -259,6 +259,9 @@ class AllocationSection:
         "float",
         _ge(0),
         doc="fine stage: accuracy points given up per unit of round-time share",
+    )
+    step: str = _key(
+        "frozen", "str", _one_of(STEP_MODES), doc="qat/mqat step: frozen per round, or learned"
     )
     mpq_lasso: float = _key(1e-4, "float", _ge(0), doc="mpq: group-Lasso strength")
 

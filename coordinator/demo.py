@@ -4,17 +4,28 @@ An MQTT broker (embedded amqtt unless `--broker` names one), the coordinator in 
 and N agent processes posing as heterogeneous boards from `profiles/`, each with its own
 non-IID slice of Fashion-MNIST. Every board ends with an ONNX model at its own bit-width, and
 the demo checks each file in onnxruntime against the coordinator's own evaluation.
+
+`--secure` takes the path of a real fleet instead: it provisions one (`coordinator provision`:
+a CA, one password per board, the ACL), starts Mosquitto with the generated TLS-only config,
+and every process logs in over mqtts:// with its own account.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bitfleet.broker import MosquittoProcess
+
+    from .provision import Provisioned
 
 DEMO_BOARDS = ("rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "x86-server")
 
@@ -33,11 +44,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--local-epochs", type=float, default=1.0, help="per round (default 1)")
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (default 0.5)")
     demo.add_argument(
-        "--strategy", default="mqat", help="local method for every device (default mqat)"
+        "--allocation",
+        choices=("fedhq", "fixed", "random"),
+        default="fedhq",
+        help="who trains how: fedhq (default; QAT where it costs no round time or the data "
+        "matter most, PTQ elsewhere), fixed (every device --strategy), random (FedRH)",
+    )
+    demo.add_argument(
+        "--strategy",
+        default="mqat",
+        help="the QAT side's local method (default mqat: bits drawn from each board's widths)",
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="output folder")
-    demo.add_argument("--broker", metavar="URL", help="use this broker instead of the embedded one")
+    where = demo.add_mutually_exclusive_group()
+    where.add_argument(
+        "--broker", metavar="URL", help="use this broker instead of the embedded one"
+    )
+    where.add_argument(
+        "--secure",
+        action="store_true",
+        help="provision the fleet (CA, one password per device, ACL) into OUT/fleet and run it "
+        "over TLS through Mosquitto started with the generated config (needs mosquitto)",
+    )
     demo.add_argument("--json", metavar="OUT", help="write the summary JSON to OUT")
     demo.set_defaults(run=run_demo)
 
@@ -67,23 +96,61 @@ def _job(args: argparse.Namespace, out: Path) -> dict:
             "register_timeout_s": 180.0,
         },
         "server": {"optimizer": "fedavg"},
-        "allocation": {"mode": "fixed", "strategy": args.strategy, "bits": 4},
+        "allocation": {
+            "mode": args.allocation,
+            "strategy": args.strategy,
+            "qat_strategy": args.strategy,
+            "bits": 4,
+        },
         "deploy": {"bits": [8, 4, 2]},
     }
 
 
+def _start_secure_broker(
+    args: argparse.Namespace, out: Path
+) -> tuple[Provisioned, MosquittoProcess]:
+    """Provision the demo's fleet into OUT/fleet and start Mosquitto with its TLS config on a
+    free loopback port: what deploy/README.md does for a real fleet, on one machine."""
+    from bitfleet.broker import MosquittoProcess, find_mosquitto, free_port
+
+    from .provision import provision
+
+    find_mosquitto()  # its absence is the likely failure: say so before writing anything
+    fleet_dir = out / "fleet"
+    shutil.rmtree(fleet_dir, ignore_errors=True)  # fresh credentials for each demo
+    port = free_port()
+    fleet = provision(
+        "demo",
+        args.devices,
+        fleet_dir,
+        hosts=["localhost"],
+        port=port,
+        bind="127.0.0.1",
+        # Started by root, Mosquitto would drop to its own user, which may not reach OUT. This
+        # broker is the demo's, on loopback only: it runs as whoever runs the demo.
+        broker_user="root" if os.geteuid() == 0 else None,
+    )
+    broker = MosquittoProcess(fleet.conf, port, out / "logs" / "mosquitto.log").start()
+    return fleet, broker
+
+
 def _spawn_agents(
-    args: argparse.Namespace, url: str, out: Path
+    args: argparse.Namespace, url: str, out: Path, fleet: Provisioned | None = None
 ) -> list[tuple[str, subprocess.Popen]]:
+    """One agent process per device; with a provisioned `fleet`, each logs in as itself."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     agents = []
     for i in range(args.devices):
         board = DEMO_BOARDS[i % len(DEMO_BOARDS)]
-        device = f"dev{i}-{board}"
+        if fleet is None:
+            device, connect = f"dev{i}-{board}", ["--broker", url]
+        else:  # the device id is the account's user name, which the ACL binds its topics to
+            device = list(fleet.devices)[i]
+            connect = ["--broker", fleet.url(device), "--ca-file", str(fleet.ca_file)]
         cmd = [
             sys.executable, "-m", "bitfleet", "agent", "run",
-            "--broker", url,
+            *connect,
             "--data", f"fashion-mnist:{i}/{args.devices}",
             "--alpha", str(args.alpha),
             "--partition-seed", str(args.seed),
@@ -102,6 +169,7 @@ def _spawn_agents(
 
 def run_demo(args: argparse.Namespace) -> int:
     from bitfleet.broker import EmbeddedBroker
+    from bitfleet.protocol import parse_broker_url
 
     from .config import job_config_from_dict
     from .demo_report import check_onnx_files, write_outputs
@@ -116,9 +184,13 @@ def run_demo(args: argparse.Namespace) -> int:
     shutil.rmtree(out / "devices", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     cfg = job_config_from_dict(_job(args, out), source="bitfleet demo")
-    broker = None
+    broker: EmbeddedBroker | MosquittoProcess | None = None
+    fleet: Provisioned | None = None
     url = args.broker
-    if url is None:
+    if args.secure:
+        fleet, broker = _start_secure_broker(args, out)
+        url = fleet.coordinator_url
+    elif url is None:
         broker = EmbeddedBroker().start()
         url = broker.url
     t0 = time.perf_counter()
@@ -137,13 +209,17 @@ def run_demo(args: argparse.Namespace) -> int:
         metrics.flush()
 
     print(
-        f"bitfleet demo: broker {url}, {args.devices} agents, {args.rounds} rounds, "
-        f"strategy {args.strategy}; logs in {out / 'logs'}",
+        f"bitfleet demo: broker {parse_broker_url(url)}"  # never the password
+        + (f" (TLS, one account per device, see {fleet.out})" if fleet else "")
+        + f", {args.devices} agents, {args.rounds} rounds, "
+        f"allocation {args.allocation} ({args.strategy}); logs in {out / 'logs'}",
         flush=True,
     )
-    agents = _spawn_agents(args, url, out)
+    agents: list[tuple[str, subprocess.Popen]] = []
     try:
-        coordinator = Coordinator(cfg, url, on_round=show)
+        agents = _spawn_agents(args, url, out, fleet)
+        ca_file = str(fleet.ca_file) if fleet else None
+        coordinator = Coordinator(cfg, url, ca_file=ca_file, on_round=show)
         reports = coordinator.run()
         deadline = time.monotonic() + 120
         for _, proc in agents:

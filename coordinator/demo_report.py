@@ -25,7 +25,9 @@ def check_onnx_files(coordinator: Coordinator, out: Path) -> list[dict]:
             "device": device.id,
             "board": device.profile.get("board", {}).get("name"),
             "n_samples": device.data.get("n_samples"),
-            "strategy": coordinator.cfg.allocation.strategy,
+            "strategy": coordinator.assignments.get(device.id, {}).get(
+                "strategy", coordinator.cfg.allocation.strategy
+            ),
             "bits": bits,
             "onnx": str(files[0]) if files else None,
             "bytes": files[0].stat().st_size if files else None,
@@ -122,8 +124,9 @@ def write_outputs(
     lines = [
         "# bitfleet demo report",
         "",
-        f"{summary['devices']} devices, {summary['rounds_completed']} rounds, strategy "
-        f"`{coordinator.cfg.allocation.strategy}`, {seconds:.0f} s in all. Times: *real* is this "
+        f"{summary['devices']} devices, {summary['rounds_completed']} rounds, allocation "
+        f"`{coordinator.cfg.allocation.mode}` (QAT side `{coordinator.cfg.allocation.qat_strategy}`"
+        f"), {seconds:.0f} s in all. Times: *real* is this "
         "host's wall clock; *simulated* scales each device's training time by its board's "
         "relative speed and adds link time (DESIGN section 5).",
         "",

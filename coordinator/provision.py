@@ -307,7 +307,12 @@ def acl_text(prefix: str, fleet: str, coordinator_user: str = COORDINATOR_USER) 
 
 
 def mosquitto_conf_text(
-    out: Path, fleet: str, port: int, bind: str | None = None, user: str | None = None
+    out: Path,
+    fleet: str,
+    port: int,
+    bind: str | None = None,
+    user: str | None = None,
+    devices: int = 0,
 ) -> str:
     """mosquitto.conf for the files in `out` (absolute paths: Mosquitto may run elsewhere).
 
@@ -331,6 +336,9 @@ def mosquitto_conf_text(
         f"persistence_location {out / 'data'}/\n"
         "# One chunk is at most 1 MiB of data plus a 64 KiB header; anything larger is refused.\n"
         f"max_packet_size {MAX_PACKET_SIZE}\n"
+        "# Every board answers a round at once: the coordinator's queue must hold one update's\n"
+        "# chunks from each (Mosquitto's default of 1000 would drop some in a larger fleet).\n"
+        f"max_queued_messages {max(1000, 4 * devices)}\n"
         "\n"
         f"{listener}\n"
         f"cafile {out / 'ca.crt'}\n"
@@ -497,7 +505,7 @@ def provision(
     passwd = "".join(f"{u}:{mosquitto_password_hash(pw)}\n" for u, pw in accounts.items())
     _write(out_path / "passwd", passwd, 0o600)
     _write(out_path / "acl", acl_text(prefix, fleet), 0o644)
-    conf = mosquitto_conf_text(out_path, fleet, port, bind, broker_user)
+    conf = mosquitto_conf_text(out_path, fleet, port, bind, broker_user, len(device_ids))
     _write(out_path / "mosquitto.conf", conf, 0o644)
     _write(out_path / "coordinator.env", _coordinator_env(result), 0o600)
     for device in device_ids:

@@ -172,7 +172,6 @@ class Coordinator:
         )
         self.updates: queue.Queue[_Update] = queue.Queue()
         self.registered = threading.Event()
-        self.rng = random.Random(cfg.job.seed)
         self.reports: list[RoundReport] = []
         self.dropped: dict[str, int] = {}
         self._stop = threading.Event()
@@ -196,9 +195,15 @@ class Coordinator:
         self.store.set_meta("config_hash", digest)
 
     def _method_options(self) -> dict[str, object]:
-        if self.cfg.allocation.strategy in ("qat", "apqn"):
-            return {"bits": self.cfg.allocation.bits}
-        return {}
+        a = self.cfg.allocation
+        options: dict[str, object] = {}
+        if a.strategy in ("qat", "apqn"):
+            options["bits"] = a.bits
+        if a.strategy in ("qat", "mqat"):
+            options["step"] = a.step
+        if a.strategy == "mqat" and a.bit_set:
+            options["bit_set"] = tuple(a.bit_set)
+        return options
 
     def _new_model(self) -> nn.Module:
         spec = self.spec
@@ -229,6 +234,10 @@ class Coordinator:
             elif kind == "status":
                 msg = decode_message(payload, "status")
                 self.store.set_online(device, bool(msg["online"]))
+                if not msg["online"]:
+                    # Its partial upload can never complete. A board that comes back is sent
+                    # its task again (`_resend_tasks`) and uploads the whole update anew.
+                    self.reassembler.discard_source(device)
             elif kind == "update":
                 done = self.reassembler.add(payload, source=device)
                 if done is not None:
@@ -298,6 +307,8 @@ class Coordinator:
             "bit_set": None,
             "per_layer_bits": None,
         }
+        if strategy in ("qat", "mqat") and a.step != "frozen":
+            body["step"] = a.step
         if strategy == "mqat":
             supported = {*board.get("storage_bits", []), *board.get("deploy_bits", [])}
             body["bit_set"] = list(a.bit_set) or sorted(b for b in supported if 2 <= b <= 8)
@@ -432,11 +443,11 @@ class Coordinator:
     def _wait_for_devices(self) -> None:
         need = self.cfg.rounds.min_devices
         deadline = time.monotonic() + self.cfg.rounds.register_timeout_s
-        while len(self.store.devices(online_only=True)) < need:
+        while self.store.count_devices(online_only=True) < need:
             if self._stop.is_set():
                 return
             if time.monotonic() > deadline:
-                have = len(self.store.devices(online_only=True))
+                have = self.store.count_devices(online_only=True)
                 raise TimeoutError(
                     f"only {have} of the {need} devices needed registered within "
                     f"{self.cfg.rounds.register_timeout_s:.0f} s ([rounds] min_devices)"
@@ -452,10 +463,13 @@ class Coordinator:
         while time.monotonic() < end and self.registered.wait(quiet_s):
             self.registered.clear()
 
-    def _select(self) -> list[str]:
+    def _select(self, rnd: int) -> list[str]:
+        """This round's devices: drawn from a generator seeded by the job and the round, so
+        a coordinator resumed after a crash selects what an uninterrupted run would."""
         online = sorted(d.id for d in self.store.devices(online_only=True))
         k = max(self.cfg.rounds.min_devices, math.ceil(self.cfg.rounds.fraction * len(online)))
-        return sorted(self.rng.sample(online, min(k, len(online))))
+        rng = random.Random(f"{self.cfg.job.seed}:{rnd}")
+        return sorted(rng.sample(online, min(k, len(online))))
 
     def _dispatch(
         self,
@@ -508,7 +522,7 @@ class Coordinator:
     def _run_round(self, rnd: int) -> None:
         t_start = time.perf_counter()
         self._wait_for_devices()
-        selected = self._select()
+        selected = self._select(rnd)
         self.store.open_round(rnd, selected)
         payload_bytes = self._dispatch(
             rnd, selected, self.global_state, self.cfg.training.local_epochs
@@ -702,28 +716,39 @@ class Coordinator:
     # -- FedMPQ: per-layer bits under each device's budget ------------------------------------
 
     def _mpq_layer_bits(self, device: str, budget: int) -> dict[str, int]:
-        """The device's per-layer bits: last round's pruning-growing, or uniform at first."""
-        if device in self.layer_bits:
-            return self.layer_bits[device]
-        from bitfleet.quant import quant_layers
+        """The device's per-layer bits: last round's pruning-growing, or at first the same
+        pruning from the global model's full width with no sparsity known (sizes decide)."""
+        if device not in self.layer_bits:
+            self.layer_bits[device] = self._prune_grow({}, budget)
+        return self.layer_bits[device]
 
-        return {name: budget for name in quant_layers(self.model)}
-
-    def _update_layer_bits(self) -> None:
-        """After aggregation, fit each FedMPQ device's layer bits to its budget (paper 002):
-        the aggregated model's bit-plane sparsity says which layers can lose bits."""
-        mpq = {d: body for d, body in self.assignments.items() if body["strategy"] == "mpq"}
-        if not mpq:
-            return
-        from bitfleet.quant.mpq import layer_sizes, plane_sparsity
+    def _prune_grow(self, sparsity: dict[str, list[float]], budget: int) -> dict[str, int]:
+        from bitfleet.quant import SUPPORTED_BITS
+        from bitfleet.quant.mpq import layer_sizes
 
         from .mpq import prune_grow
 
         sizes = layer_sizes(self.model)
+        full = {name: max(SUPPORTED_BITS) for name in sizes}
+        return prune_grow(sparsity, sizes, budget, start=full)
+
+    def _update_layer_bits(self) -> None:
+        """After aggregation, fit each FedMPQ device's layer bits to its budget (paper 002).
+
+        The aggregate holds every device's precision, so each device's bits are pruned down
+        from the full width: the layers with the most weights first, sooner where the group
+        Lasso emptied their top bit planes (the aggregate's planes at that width), and grown
+        back on the smallest layers wherever the budget allows.
+        """
+        mpq = {d: body for d, body in self.assignments.items() if body["strategy"] == "mpq"}
+        if not mpq:
+            return
+        from bitfleet.quant import SUPPORTED_BITS
+        from bitfleet.quant.mpq import plane_sparsity
+
+        sparsity = plane_sparsity(self.model, max(SUPPORTED_BITS))
         for device, body in mpq.items():
-            current = self.layer_bits.get(device) or body["per_layer_bits"]
-            sparsity = plane_sparsity(self.model, current)
-            self.layer_bits[device] = prune_grow(sparsity, sizes, body["bits"], start=current)
+            self.layer_bits[device] = self._prune_grow(sparsity, body["bits"])
             self.assignments[device] = {**body, "per_layer_bits": self.layer_bits[device]}
 
     def device_deploy_bits(self, device: str) -> int | dict[str, int]:

@@ -48,9 +48,9 @@ else:  # pragma: no cover - Python 3.10 needs the tomli backport
 
 EVAL_BITS_DEFAULT = (32, 8, 6, 4, 3, 2)
 TIME_NOTE = (
-    "sim_seconds: simulated wall clock of the boards (host step times scaled by each "
-    "profile's relative speed and QAT overhead, plus transfers; the slowest device per "
-    "round). host_seconds: this machine's real time for the method."
+    "How the board clock is made: this host's measured step time per local method, scaled by "
+    "each board profile's relative speed and, for methods that fake-quantize, its QAT "
+    "overhead; results.json calls it sim_seconds, and the host clock host_seconds."
 )
 
 
@@ -330,6 +330,9 @@ def run_method(
         cfg, broker, transport_factory=factory, data=data, export=False, on_round=bar
     )
     make_agent = plugins.load("bitfleet.agents", "virtual")
+    # One virtual board trains at a time: they share this host, and ten boards training at
+    # once on two cores run slower in total than one after the other.
+    host_cpu = threading.Lock()
     agents = [
         make_agent(
             dev.id,
@@ -341,6 +344,7 @@ def run_method(
             broker=broker,
             transport_factory=factory,
             clock=fleet.clock(dev.id),
+            compute=host_cpu,
         )
         for dev in fleet.devices
     ]
@@ -591,6 +595,9 @@ def _run_ablations(
             sim_seconds=run["sim_seconds"],
             qat_devices=sum(1 for s in run["assignment"].values() if s in QUANT_IN_FORWARD),
         )
+        for key in ("acc_by_bits", "device_acc", "allocation_seconds", "fine"):
+            if key in run:
+                entry[key] = run[key]
         methods_with = {**methods, name: run}
         cap = _capture(methods_with, name)
         if cap is not None:
@@ -615,7 +622,7 @@ def _write(
     t0: float,
 ) -> dict[str, Any]:
     alloc = {"coarse": 0.0, "fine": 0.0}
-    for m in methods.values():
+    for m in [*methods.values(), *ablations.values()]:
         for k in alloc:
             alloc[k] = max(alloc[k], float(m.get("allocation_seconds", {}).get(k, 0.0)))
     results = {

@@ -74,7 +74,7 @@ def _markdown(
     config, experiment = results.get("config"), results.get("experiment")
     intro = f"Configuration `{config}`" if config else "Configuration not recorded"
     if results.get("quick"):
-        intro += " (quick run: fewer rounds and devices than the full experiment)"
+        intro += " (quick run: the experiment's `[simulate.quick]` settings, fewer rounds)"
     intro += f"; {len(methods)} method{'s' if len(methods) != 1 else ''}"
     if _is_number(results.get("seconds")):
         intro += f", {_seconds(results['seconds'])} s in all (host clock)"

@@ -226,6 +226,12 @@ class StateStore:
         where = " WHERE online = 1" if online_only else ""
         return [_device(r) for r in self._query(f"SELECT * FROM devices{where} ORDER BY id")]
 
+    def count_devices(self, online_only: bool = False) -> int:
+        """How many devices (online ones), without decoding every profile as `devices` does:
+        the coordinator asks after each registration, so this must not grow with the fleet."""
+        where = " WHERE online = 1" if online_only else ""
+        return self._query(f"SELECT COUNT(*) AS n FROM devices{where}")[0]["n"]
+
     def device(self, device_id: str) -> DeviceRecord | None:
         rows = self._query("SELECT * FROM devices WHERE id = ?", (device_id,))
         return _device(rows[0]) if rows else None

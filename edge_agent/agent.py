@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 def _say(text: str) -> None:
     print(text, flush=True)
+
 
 MAX_DOWNLOAD_BYTES = 256 * 2**20
 
@@ -131,7 +133,8 @@ class EdgeAgent:
 
     `transport_factory` replaces the MQTT connection (the simulator's in-process bus, called
     with `MqttTransport`'s keywords); `clock` gives a virtual board's training time in place
-    of the time measured on this host.
+    of the time measured on this host; `compute` is held while training, so virtual boards
+    sharing one host take turns instead of thrashing its cores.
     """
 
     def __init__(
@@ -142,8 +145,10 @@ class EdgeAgent:
         clock: BoardClock | None = None,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
         profile: dict[str, Any] | None = None,
+        compute: AbstractContextManager[Any] | None = None,
     ) -> None:
         self.opts = opts
+        self.compute = compute or nullcontext()
         self.transport_factory = transport_factory
         self.clock = clock
         self._given_data = data
@@ -237,7 +242,7 @@ class EdgeAgent:
         self.profile = self._given_profile or self._profile()
         offline = encode_message("status", {"device_id": self.device_id, "online": False})
         self.transport = self._connect(
-            client_id=f"bitfleet-agent-{self.device_id}",
+            client_id=f"bitfleet-agent-{self.opts.fleet}-{self.device_id}",
             on_message=self._on_message,
             will=(self.topics.status(self.device_id), offline, True),
             subscriptions=[
@@ -291,19 +296,20 @@ class EdgeAgent:
         model.load_state_dict(unpack_state(blob))
         epochs = float(task["local_epochs"])
         batch_size = int(job["batch_size"])
-        t0 = time.perf_counter()
-        loss = train(
-            model,
-            self.x,
-            self.y,
-            method,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=float(job["lr"]),
-            optimizer=job["optimizer"],
-            seed=random.Random(f"{self.device_id}:{task['round']}").randrange(2**31),
-        )
-        seconds = time.perf_counter() - t0
+        with self.compute:
+            t0 = time.perf_counter()
+            loss = train(
+                model,
+                self.x,
+                self.y,
+                method,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=float(job["lr"]),
+                optimizer=job["optimizer"],
+                seed=random.Random(f"{self.device_id}:{task['round']}").randrange(2**31),
+            )
+            seconds = time.perf_counter() - t0
         meta = {
             "round": int(task["round"]),
             "job_id": task["job_id"],
@@ -365,6 +371,7 @@ def virtual_agent(
     broker: str | None = None,
     transport_factory: Callable[..., Any] | None = None,
     clock: BoardClock | None = None,
+    compute: AbstractContextManager[Any] | None = None,
 ) -> EdgeAgent:
     """An agent standing for a board it does not run on: the simulator's virtual device.
 
@@ -384,5 +391,10 @@ def virtual_agent(
         quiet=True,
     )
     return EdgeAgent(
-        opts, transport_factory=transport_factory, clock=clock, data=data, profile=profile
+        opts,
+        transport_factory=transport_factory,
+        clock=clock,
+        data=data,
+        profile=profile,
+        compute=compute,
     )

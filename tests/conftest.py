@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -13,19 +12,20 @@ from pathlib import Path
 
 import pytest
 
+from bitfleet.broker import find_mosquitto
+
 #: Big enough for a 1 MiB chunk plus its header; bigger single messages are a bug to catch.
 BROKER_MAX_PACKET = 2 * 1024 * 1024
 
 
-def _find_mosquitto() -> str | None:
-    for candidate in (
-        os.environ.get("MOSQUITTO"),
-        "/usr/sbin/mosquitto",
-        shutil.which("mosquitto"),
-    ):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+def require_mosquitto() -> str:
+    """The mosquitto binary; without one, skip the test, or fail it when CI=true."""
+    try:
+        return find_mosquitto()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
 
 
 def _free_port() -> int:
@@ -101,13 +101,7 @@ class Mosquitto:
 
 def _running(kind: type[Mosquitto], tmp_path: Path) -> Iterator[Mosquitto]:
     """Start a broker of `kind` for one test; without mosquitto, skip, or fail when CI=true."""
-    binary = _find_mosquitto()
-    if binary is None:
-        message = "mosquitto not installed (apt-get install mosquitto, or set MOSQUITTO=path)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    broker = kind(binary, tmp_path)
+    broker = kind(require_mosquitto(), tmp_path)
     broker.start()
     try:
         yield broker

@@ -204,3 +204,21 @@ def test_allocation_config_is_checked() -> None:
         job_config_from_dict({"allocation": {"fine": "yes"}})
     with pytest.raises(JobConfigError, match="allocation.bit_set"):
         job_config_from_dict({"allocation": {"bit_set": [1, 9]}})
+
+
+def test_an_assignment_builds_the_method_the_device_trains() -> None:
+    from bitfleet.quant import MPQ, MQAT, PTQ, QAT
+    from bitfleet.quant.assignment import describe_assignment, method_for_assignment
+
+    qat = method_for_assignment({"strategy": "qat", "bits": 2, "step": "learned"})
+    assert isinstance(qat, QAT) and qat.bits == 2 and qat.step == "learned"
+    mqat = method_for_assignment({"strategy": "mqat", "bits": 2, "bit_set": [2, 4, 8]})
+    assert isinstance(mqat, MQAT) and tuple(mqat.bit_set) == (2, 4, 8)
+    layers = {"conv1": 8, "fc1": 2}
+    mpq = method_for_assignment({"strategy": "mpq", "bits": 2, "per_layer_bits": layers})
+    assert isinstance(mpq, MPQ) and dict(mpq.layer_bits) == layers
+    ptq = method_for_assignment({"strategy": "ptq", "bits": 2, "future_field": 1})
+    assert isinstance(ptq, PTQ)
+    assert describe_assignment({"strategy": "mqat", "bits": 2, "bit_set": [2, 4]}) == "mqat {2,4}"
+    with pytest.raises(ValueError, match="unknown local method"):
+        method_for_assignment({"strategy": "magic", "bits": 2})

@@ -307,3 +307,11 @@ class Reassembler:
     def discard(self, payload_id: str, source: str = "") -> bool:
         """Forget an incomplete payload (e.g. the sender gave up); True if there was one."""
         return self._partials.pop((source, payload_id), None) is not None
+
+    def discard_source(self, source: str) -> int:
+        """Forget every incomplete payload from `source` (e.g. a sender that went offline, whose
+        uploads can never complete); return how many."""
+        doomed = [key for key in self._partials if key[0] == source]
+        for key in doomed:
+            del self._partials[key]
+        return len(doomed)

@@ -22,7 +22,9 @@ def method_for_assignment(assignment: Mapping[str, Any]) -> LocalMethod:
     options: dict[str, object] = {}
     if strategy in ("qat", "apqn"):
         options["bits"] = int(assignment["bits"])
-    elif strategy == "mqat" and assignment.get("bit_set"):
+    if strategy in ("qat", "mqat") and assignment.get("step"):
+        options["step"] = str(assignment["step"])
+    if strategy == "mqat" and assignment.get("bit_set"):
         options["bit_set"] = tuple(int(b) for b in assignment["bit_set"])
     elif strategy == "mpq":
         options["bits"] = int(assignment["bits"])
