@@ -46,9 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--allocation",
         choices=("fedhq", "fixed", "random"),
-        default="fedhq",
-        help="who trains how: fedhq (default; QAT where it costs no round time or the data "
-        "matter most, PTQ elsewhere), fixed (every device --strategy), random (FedRH)",
+        default="fixed",
+        help="who trains how: fixed (default: every device --strategy), fedhq (QAT where it "
+        "costs no round time or the data matter most, PTQ elsewhere), random (FedRH). On the "
+        "demo fleet fedhq gives PTQ to the slow boards, which are the ones deploying at 2 bits: "
+        "rounds 17%% shorter, 2-bit accuracy 0.73 instead of 0.82",
     )
     demo.add_argument(
         "--strategy",
