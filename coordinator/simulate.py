@@ -23,7 +23,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,8 +193,10 @@ class VirtualFleet:
     data: dict[str, tuple[torch.Tensor, torch.Tensor]]
     profiles: dict[str, dict[str, Any]]
     host_steps: dict[str, float]
+    num_classes: int
 
-    def clock(self, device: str):  # noqa: ANN201 - a BoardClock
+    def clock(self, device: str) -> Callable[[str, int], float]:
+        """The device's board clock: (local method, optimiser steps) -> seconds on its board."""
         board = self.profiles[device]["board"]
         speed = float(board["relative_speed"])
         overhead = float(board.get("qat_overhead") or 1.0)
@@ -215,7 +217,8 @@ class VirtualFleet:
 
         data = {}
         for dev, (_, y) in self.data.items():
-            hist = [int(c) for c in label_histogram(y.numpy(), range(len(y)), 10)]
+            counts = label_histogram(y.numpy(), range(len(y)), self.num_classes)
+            hist = [int(c) for c in counts]
             data[dev] = {
                 "n_samples": len(y),
                 "label_hist": hist,
@@ -260,7 +263,8 @@ def build_fleet(exp: Experiment, data: ImageData, job: JobConfig, quick: bool) -
         if dev.budget_bits is not None:
             summary["board"]["budget_bits"] = dev.budget_bits
         profiles[dev.id] = summary
-    return VirtualFleet(exp.devices, fleet_data, profiles, host_steps)
+    num_classes = DATASET_SPECS[job.data.dataset].num_classes
+    return VirtualFleet(exp.devices, fleet_data, profiles, host_steps, num_classes)
 
 
 # --- running one method --------------------------------------------------------------------------
