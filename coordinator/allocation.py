@@ -334,8 +334,10 @@ class CostModel:
 
     Accuracy gain is fitted by least squares as `c0 + c1 * q`, with `q` the share of the
     ambiguous devices' SigAcc that trains with QAT (one feature, so that a handful of trials
-    determines it). Round time is the device time model's prediction scaled by the ratio the
-    trials measured (`time_scale`), so slow links or deadlines the model misses are learned.
+    determines it). Round time is the device time model's prediction; `time_scale` is the
+    ratio the trials measured against it, reported so that a time model far from the boards
+    shows. The choice compares lengthenings relative to the QAT-over-PTQ span, where a
+    common scale cancels.
     """
 
     acc_coef: tuple[float, float]
@@ -358,9 +360,6 @@ class CostModel:
 
     def accuracy(self, qat_share: float) -> float:
         return self.acc_coef[0] + self.acc_coef[1] * qat_share
-
-    def seconds(self, predicted_s: float) -> float:
-        return self.time_scale * predicted_s
 
 
 def qat_share(qat: frozenset[str], ambiguous: Sequence[str], points: Mapping) -> float:

@@ -155,7 +155,7 @@ class Coordinator:
         self.layer_bits: dict[str, dict[str, int]] = {}
         self._alloc_lock = threading.Lock()
         self.fine_report: dict[str, Any] = {}
-        self.model = self._new_model()
+        self.model = self._new_model(init=True)
         self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.strategy = make_strategy(cfg.server)
         self.validator = UpdateValidator(
@@ -205,13 +205,19 @@ class Coordinator:
             options["bit_set"] = tuple(a.bit_set)
         return options
 
-    def _new_model(self) -> nn.Module:
-        spec = self.spec
-        model = create_model_for(self.cfg.model.name, spec)
-        torch.manual_seed(self.cfg.job.seed)
-        for m in model.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+    def _new_model(self, init: bool = False) -> nn.Module:
+        """The job's model, prepared by its method; `init` seeds its first weights.
+
+        Only the initial model draws from torch's global generator: evaluation and export
+        models are loaded with a state anyway, and reseeding from their threads would change
+        what in-process agents (the simulator's) draw at the same moment.
+        """
+        model = create_model_for(self.cfg.model.name, self.spec)
+        if init:
+            torch.manual_seed(self.cfg.job.seed)
+            for m in model.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
         return self.method.prepare(model)
 
     @property
@@ -245,16 +251,40 @@ class Coordinator:
         except ProtocolError as exc:
             self._drop(exc.reason, topic, exc)
 
+    def _check_registration(self, msg: dict) -> None:
+        """What allocation reads from a registration must be usable, or one bad board would
+        break every later allocation: a label histogram of this job's classes, a board table
+        with positive speed and bandwidth."""
+        hist = msg["data"]["label_hist"]
+        if len(hist) != self.spec.num_classes:
+            raise ProtocolError(
+                "bad_register",
+                f"label_hist has {len(hist)} classes, the job's data set {self.spec.num_classes}",
+            )
+        board = msg["profile"].get("board", {})
+        if not isinstance(board, dict):
+            raise ProtocolError("bad_register", "profile.board must be an object")
+        for key in ("relative_speed", "link_mbps", "qat_overhead"):
+            value = board.get(key, 1.0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ProtocolError("bad_register", f"profile.board.{key} must be > 0: {value!r}")
+        steps = msg["profile"].get("step_times")
+        if steps is not None and not isinstance(steps, dict):
+            raise ProtocolError("bad_register", "profile.step_times must be an object or null")
+
     def _on_register(self, device: str, msg: dict) -> None:
         if msg["device_id"] != device:
             raise ProtocolError("bad_device_id", f"register for {msg['device_id']} on {device}")
+        self._check_registration(msg)
         self.store.upsert_device(device, msg["profile"], msg["data"])
         self.store.set_online(device, True)
         # A fixed allocation needs no fleet view: answer at once. The others decide for the
         # whole fleet after the registration burst (`_allocate_all`); later arrivals get the
         # rule's answer for them in the fleet as it is then.
         with self._alloc_lock:
-            if self.allocation is not None or self.cfg.allocation.mode == "fixed":
+            if device in self.assignments:
+                self._publish_assignment(device, self.assignments[device])  # a restarted board
+            elif self.allocation is not None or self.cfg.allocation.mode == "fixed":
                 self._assign(device, self._strategy_for(device))
         log.info("registered %s (%s samples)", device, msg["data"].get("n_samples"))
         self.registered.set()
@@ -280,7 +310,8 @@ class Coordinator:
         late = self.allocation_rule.allocate(self._fleet())
         if self.allocation is not None:
             self.allocation.strategies[device] = late.strategies[device]
-            self.allocation.significance.update(late.significance)
+            if device in late.significance:
+                self.allocation.significance[device] = late.significance[device]
             self.allocation.rules[device] = late.rules.get(device, "late")
         return late.strategies[device]
 
@@ -466,7 +497,9 @@ class Coordinator:
     def _select(self, rnd: int) -> list[str]:
         """This round's devices: drawn from a generator seeded by the job and the round, so
         a coordinator resumed after a crash selects what an uninterrupted run would."""
-        online = sorted(d.id for d in self.store.devices(online_only=True))
+        online = sorted(
+            d.id for d in self.store.devices(online_only=True) if d.id in self.assignments
+        )
         k = max(self.cfg.rounds.min_devices, math.ceil(self.cfg.rounds.fraction * len(online)))
         rng = random.Random(f"{self.cfg.job.seed}:{rnd}")
         return sorted(rng.sample(online, min(k, len(online))))
@@ -619,7 +652,8 @@ class Coordinator:
             except ValueError as exc:
                 self._drop("bad_update", f"update/{upd.device}", exc)
                 continue
-            self.validator.observe(verdict)
+            if trial is None:  # a trial's short update must not set the norm scale
+                self.validator.observe(verdict)
             if verdict.scale < 1:
                 log.warning("round %d: clipped %s's update: %s", rnd, upd.device, verdict.detail)
             received[upd.device] = upd
@@ -703,6 +737,7 @@ class Coordinator:
             self._assign(dev, strategy)
         self.allocation_seconds["fine"] = time.perf_counter() - t0
         self.fine_report = {
+            "trial_sim_seconds_total": sum(measured) * a.fine_rounds,
             "candidates": [sorted(q) for q in candidates],
             "qat_share": shares,
             "acc_gain": gains,
@@ -740,7 +775,8 @@ class Coordinator:
         Lasso emptied their top bit planes (the aggregate's planes at that width), and grown
         back on the smallest layers wherever the budget allows.
         """
-        mpq = {d: body for d, body in self.assignments.items() if body["strategy"] == "mpq"}
+        with self._alloc_lock:
+            mpq = {d: b for d, b in self.assignments.items() if b["strategy"] == "mpq"}
         if not mpq:
             return
         from bitfleet.quant import SUPPORTED_BITS
@@ -749,7 +785,8 @@ class Coordinator:
         sparsity = plane_sparsity(self.model, max(SUPPORTED_BITS))
         for device, body in mpq.items():
             self.layer_bits[device] = self._prune_grow(sparsity, body["bits"])
-            self.assignments[device] = {**body, "per_layer_bits": self.layer_bits[device]}
+            with self._alloc_lock:
+                self.assignments[device] = {**body, "per_layer_bits": self.layer_bits[device]}
 
     def device_deploy_bits(self, device: str) -> int | dict[str, int]:
         """What `device` deploys: its FedMPQ layer bits, its budget, or the job's rule."""

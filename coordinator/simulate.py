@@ -405,8 +405,13 @@ def _method_results(
 ) -> dict[str, Any]:
     deploy = min(cfg.deploy.bits)
     state = coordinator.global_state
-    acc_by_bits = {str(b): round(coordinator.evaluate_state(state, b), 4) for b in exp.eval_bits}
-    curve, sim = [], 0.0
+    acc_by_bits = {
+        str(b): round(coordinator.evaluate_state(state, b), 4)
+        for b in sorted({*exp.eval_bits, deploy, 32}, reverse=True)
+    }
+    # The fine stage's trial rounds ran on the boards before round 1: their time counts.
+    sim = float(coordinator.fine_report.get("trial_sim_seconds_total", 0.0))
+    curve = []
     for r in reports:
         sim += r.sim_seconds
         acc = r.acc_deploy.get(str(deploy))
@@ -600,7 +605,7 @@ def _run_ablations(
             qat_devices=sum(1 for s in run["assignment"].values() if s in QUANT_IN_FORWARD),
         )
         for key in ("acc_by_bits", "device_acc", "allocation_seconds", "fine"):
-            if key in run:
+            if key in run and (cfg.allocation.fine or key not in ("allocation_seconds", "fine")):
                 entry[key] = run[key]
         methods_with = {**methods, name: run}
         cap = _capture(methods_with, name)

@@ -188,6 +188,7 @@ class EdgeAgent:
 
     def _register(self) -> None:
         assert self.transport is not None
+        self._registered_at = time.monotonic()
         status = encode_message("status", {"device_id": self.device_id, "online": True})
         self.transport.publish(self.topics.status(self.device_id), status, retain=True)
         body = {
@@ -240,6 +241,11 @@ class EdgeAgent:
             "label_fit": fit_label_profile(hist).to_dict(),
         }
         self.profile = self._given_profile or self._profile()
+        # A board named with --profile that is not the machine this runs on (the demo's
+        # virtual boards): its times are scaled to that board. On the board itself, or with
+        # --profile auto, the measured time is the board's time.
+        named = self.profile.get("board", {}).get("name")
+        self.emulated = self.opts.profile != "auto" and detect_board().name != named
         offline = encode_message("status", {"device_id": self.device_id, "online": False})
         self.transport = self._connect(
             client_id=f"bitfleet-agent-{self.opts.fleet}-{self.device_id}",
@@ -342,7 +348,7 @@ class EdgeAgent:
         if self.clock is not None:
             steps = max(1, round(epochs * max(1, -(-len(self.y) // batch))))
             return self.clock(strategy, steps)
-        if self.opts.profile == "auto":
+        if not self.emulated:
             return seconds
         speed = float(self.profile.get("board", {}).get("relative_speed") or 1.0)
         return seconds / speed

@@ -222,3 +222,39 @@ def test_an_assignment_builds_the_method_the_device_trains() -> None:
     assert describe_assignment({"strategy": "mqat", "bits": 2, "bit_set": [2, 4]}) == "mqat {2,4}"
     with pytest.raises(ValueError, match="unknown local method"):
         method_for_assignment({"strategy": "magic", "bits": 2})
+
+
+def test_a_registration_allocation_cannot_use_is_dropped_with_a_reason(tmp_path) -> None:
+    from bitfleet.data import load_dataset
+    from bitfleet.protocol import Topics, encode_message
+    from bitfleet.protocol.inprocess import InProcessBus
+    from coordinator.server import Coordinator
+    from tests.tiny_fmnist import make_tiny_fmnist
+
+    folder = make_tiny_fmnist(tmp_path / "data", n_train=100, n_test=20)
+    cfg = job_config_from_dict(
+        {"job": {"state_dir": str(tmp_path / "state")}, "allocation": {"mode": "fedhq"}}
+    )
+    coordinator = Coordinator(
+        cfg, None, transport_factory=InProcessBus().transport, data=load_dataset(
+            "fashion-mnist", data_dir=folder), export=False,
+    )  # fmt: skip
+    topics = Topics(fleet=cfg.job.fleet)
+
+    def register(device: str, hist: list[int], board: object) -> None:
+        body = {
+            "device_id": device,
+            "profile": {"board": board},
+            "data": {"n_samples": sum(hist), "label_hist": hist},
+            "sent_at": 0.0,
+        }
+        coordinator._on_message(topics.register(device), encode_message("register", body))
+
+    good = {"name": "rpi4", "relative_speed": 0.1, "link_mbps": 40.0, "qat_overhead": 1.4}
+    register("cifar100-board", [1] * 100, good)  # another data set's classes
+    register("bad-board", [5] * 10, "rpi4")  # not a board table
+    register("slow-board", [5] * 10, {**good, "relative_speed": 0})
+    assert coordinator.dropped == {"bad_register": 3}
+    assert coordinator.store.devices() == []
+    register("good-board", [5] * 10, good)
+    assert [d.id for d in coordinator.store.devices()] == ["good-board"]
