@@ -446,6 +446,55 @@ def measure_machine() -> dict[str, Any]:
     return info
 
 
+def time_train_steps(
+    model_name: str,
+    methods: Mapping[str, Any],
+    *,
+    batch_size: int = 64,
+    steps: int = 8,
+    in_channels: int = 1,
+    image_size: int = 28,
+    num_classes: int = 10,
+    warmup: int = 2,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median seconds of one training step of `model_name` under each local method.
+
+    Random data, the same step the agents run. Steps of the methods alternate, so drift
+    (thermal throttling on a fanless board, other load on a shared host) hits them alike;
+    `warmup` steps of each are not counted.
+    """
+    import torch
+
+    from .models import create_model
+    from .training import make_optimizer, train_step
+
+    if batch_size <= 0 or steps <= 0 or warmup < 0:
+        raise ValueError(
+            f"batch_size and steps must be positive and warmup >= 0, "
+            f"got {batch_size}, {steps}, {warmup}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    xb = torch.rand(batch_size, in_channels, image_size, image_size, generator=gen)
+    yb = torch.randint(0, num_classes, (batch_size,), generator=gen)
+    runs = []
+    for key, method in methods.items():
+        torch.manual_seed(seed)
+        model = create_model(model_name, num_classes, in_channels, image_size)
+        method.prepare(model)
+        model.train()
+        rng = random.Random(seed)
+        method.begin_round(model, rng)
+        opt = make_optimizer(model, "adam", 1e-3)
+        runs.append((key, model, opt, method, rng, []))
+    for _ in range(warmup + steps):
+        for _key, model, opt, method, rng, times in runs:
+            t0 = time.perf_counter()
+            train_step(model, opt, method, xb, yb, rng)
+            times.append(time.perf_counter() - t0)
+    return {key: statistics.median(t[warmup:]) for key, *_, t in runs}
+
+
 def measure_step_times(
     model_name: str,
     batch_size: int = 64,
@@ -461,40 +510,24 @@ def measure_step_times(
     """Median seconds of a float and of a QAT training step of `model_name` on this machine.
 
     What FedHQ's speed significance needs from each board (DESIGN 4): real `t_fp` and
-    `t_qat` on the job's model and batch size, random data, the same training step the agents
-    run. Steps alternate between the two, so drift (thermal throttling on a fanless board)
-    hits both alike; `warmup` steps of each are not counted.
+    `t_qat` on the job's model and batch size (`time_train_steps`).
     """
     import torch
 
-    from .models import create_model
     from .quant import QAT, LocalMethod
-    from .training import make_optimizer, train_step
 
-    if batch_size <= 0 or steps <= 0 or warmup < 0:
-        raise ValueError(
-            f"batch_size and steps must be positive and warmup >= 0, "
-            f"got {batch_size}, {steps}, {warmup}"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    xb = torch.rand(batch_size, in_channels, image_size, image_size, generator=gen)
-    yb = torch.randint(0, num_classes, (batch_size,), generator=gen)
-    runs = []
-    for key, method in (("t_fp", LocalMethod()), ("t_qat", QAT(bits=qat_bits))):
-        torch.manual_seed(seed)
-        model = create_model(model_name, num_classes, in_channels, image_size)
-        method.prepare(model)
-        model.train()
-        rng = random.Random(seed)
-        method.begin_round(model, rng)
-        opt = make_optimizer(model, "adam", 1e-3)
-        runs.append((key, model, opt, method, rng, []))
-    for _ in range(warmup + steps):
-        for _key, model, opt, method, rng, times in runs:
-            t0 = time.perf_counter()
-            train_step(model, opt, method, xb, yb, rng)
-            times.append(time.perf_counter() - t0)
-    result: dict[str, Any] = {key: statistics.median(t[warmup:]) for key, *_, t in runs}
+    methods = {"t_fp": LocalMethod(), "t_qat": QAT(bits=qat_bits)}
+    result: dict[str, Any] = time_train_steps(
+        model_name,
+        methods,
+        batch_size=batch_size,
+        steps=steps,
+        in_channels=in_channels,
+        image_size=image_size,
+        num_classes=num_classes,
+        warmup=warmup,
+        seed=seed,
+    )
     result.update(
         batch_size=batch_size,
         model=model_name,

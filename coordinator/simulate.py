@@ -33,7 +33,7 @@ import torch
 
 from bitfleet import plugins
 from bitfleet.data import DATASET_SPECS, ImageData, load_dataset, partition
-from bitfleet.profiles import load_profile, measure_machine, profile_summary
+from bitfleet.profiles import load_profile, measure_machine, profile_summary, time_train_steps
 from bitfleet.protocol.inprocess import InProcessBus
 from bitfleet.quant import make_method
 
@@ -150,37 +150,25 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def measure_host_steps(
-    model_name: str, dataset: str, strategies: set[str], batch_size: int, rounds: int = 40
+    model_name: str, dataset: str, strategies: set[str], batch_size: int, steps: int = 40
 ) -> dict[str, float]:
-    """Median seconds of one training step per local method on this host (DESIGN 5).
-
-    Steps of the methods alternate, so load from other processes on a shared machine hits
-    them alike; `ptq` trains exactly as `fp` does and shares its figure.
-    """
-    import random
-
-    from bitfleet.models import create_model_for
-    from bitfleet.training import make_optimizer, train_step
-
+    """Median seconds of one training step per local method on this host (DESIGN 5);
+    `ptq` trains exactly as `fp` does and shares its figure."""
     spec = DATASET_SPECS[dataset]
-    gen = torch.Generator().manual_seed(0)
-    xb = torch.rand(batch_size, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
-    yb = torch.randint(0, spec.num_classes, (batch_size,), generator=gen)
-    runs = []
-    for strategy in sorted((strategies - {"ptq"}) | {"fp"}):
-        options = {"bits": 2} if strategy in ("qat", "apqn", "mpq") else {}
-        method = make_method(strategy, **options)
-        model = method.prepare(create_model_for(model_name, spec))
-        rng = random.Random(0)
-        method.begin_round(model, rng)
-        runs.append((strategy, model, make_optimizer(model, "adam", 1e-3), method, rng, []))
-    for i in range(rounds + 3):
-        for _, model, opt, method, rng, times in runs:
-            t0 = time.perf_counter()
-            train_step(model, opt, method, xb, yb, rng)
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-    out = {strategy: float(np.median(times)) for strategy, *_, times in runs}
+    methods = {
+        s: make_method(s, **({"bits": 2} if s in ("qat", "apqn", "mpq") else {}))
+        for s in sorted((strategies - {"ptq"}) | {"fp"})
+    }
+    out = time_train_steps(
+        model_name,
+        methods,
+        batch_size=batch_size,
+        steps=steps,
+        in_channels=spec.in_channels,
+        image_size=spec.image_size,
+        num_classes=spec.num_classes,
+        warmup=3,
+    )
     out["ptq"] = out["fp"]
     return out
 

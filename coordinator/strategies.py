@@ -40,15 +40,42 @@ _COUNT = "meta.count"
 _TOTAL = "meta.total_weight"
 
 
-def _describe(t: Tensor) -> str:
+def describe(t: Tensor) -> str:
     return f"{tuple(t.shape)} {t.dtype}"
 
 
-_Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
-def _spec_of(template: Mapping[str, Tensor]) -> _Spec:
+def spec_of(template: Mapping[str, Tensor]) -> Spec:
+    """Names, shapes and dtypes of a model state: what every update must match."""
     return {k: (tuple(t.shape), t.dtype) for k, t in template.items()}
+
+
+def update_problem(spec: Spec, state: Mapping[str, Tensor]) -> tuple[str, str] | None:
+    """What is wrong with an update against the model, as (reason, detail), or None.
+
+    The one check of an update's structure: the coordinator's validator turns the reason
+    into a dropped message, the aggregators into a ValueError.
+    """
+    missing = sorted(set(spec) - set(state))
+    extra = sorted(set(state) - set(spec))
+    if missing or extra:
+        detail = (
+            f"update does not match the model: missing tensors {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+        return ("unknown_tensor" if extra else "missing_tensor"), detail
+    for k, (shape, dtype) in spec.items():
+        t = state[k]
+        if not isinstance(t, Tensor):
+            return "bad_shape", f"tensor {k!r}: expected a torch.Tensor, got {type(t).__name__}"
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            reason = "bad_shape" if tuple(t.shape) != shape else "bad_dtype"
+            return reason, f"tensor {k!r}: expected {shape} {dtype}, got {describe(t)}"
+        if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            return "non_finite", f"tensor {k!r}: contains NaN or Inf"
+    return None
 
 
 def _check_weight(weight: float) -> float:
@@ -60,23 +87,12 @@ def _check_weight(weight: float) -> float:
     return w
 
 
-def _check_update(spec: _Spec, state: Mapping[str, Tensor]) -> None:
+def _check_update(spec: Spec, state: Mapping[str, Tensor]) -> None:
     """Validate a whole update before an aggregator touches anything, so a bad one changes
     nothing; floating tensors must be finite."""
-    missing = sorted(set(spec) - set(state))
-    extra = sorted(set(state) - set(spec))
-    if missing or extra:
-        raise ValueError(
-            f"update does not match the model: missing tensors {missing}, unexpected {extra}"
-        )
-    for k, (shape, dtype) in spec.items():
-        t = state[k]
-        if not isinstance(t, Tensor):
-            raise ValueError(f"tensor {k!r}: expected a torch.Tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"tensor {k!r}: expected {shape} {dtype}, got {_describe(t)}")
-        if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"tensor {k!r}: contains NaN or Inf")
+    problem = update_problem(spec, state)
+    if problem is not None:
+        raise ValueError(problem[1])
 
 
 class RunningMean:
@@ -91,7 +107,7 @@ class RunningMean:
     def __init__(self, template: Mapping[str, Tensor], *, dtype: torch.dtype = torch.float64):
         if dtype not in (torch.float64, torch.float32):
             raise ValueError(f"accumulator dtype must be float64 or float32, got {dtype}")
-        self._spec = _spec_of(template)
+        self._spec = spec_of(template)
         self._sums: dict[str, Tensor] = {
             k: torch.zeros(t.shape, dtype=dtype)
             for k, t in template.items()
@@ -159,9 +175,7 @@ class RunningMean:
         for k, acc in rm._sums.items():
             t = partial[_SUM + k]
             if t.shape != acc.shape or t.dtype != acc.dtype:
-                raise ValueError(
-                    f"partial sum {k!r}: expected {_describe(acc)}, got {_describe(t)}"
-                )
+                raise ValueError(f"partial sum {k!r}: expected {describe(acc)}, got {describe(t)}")
             acc.copy_(t)
         rm._count = int(partial[_COUNT])
         rm._total = float(partial[_TOTAL])
@@ -193,7 +207,7 @@ class _BufferedAggregator:
     """Keyword arguments of `__init__` that `make_aggregator` passes on."""
 
     def __init__(self, template: Mapping[str, Tensor]) -> None:
-        self._spec = _spec_of(template)
+        self._spec = spec_of(template)
         self._updates: list[dict[str, Tensor]] = []
 
     @property
@@ -317,7 +331,7 @@ class Strategy:
             g = global_state[k]
             if m.shape != g.shape or not g.is_floating_point():
                 raise ValueError(
-                    f"tensor {k!r}: mean {_describe(m)} does not fit global {_describe(g)}"
+                    f"tensor {k!r}: mean {describe(m)} does not fit global {describe(g)}"
                 )
             if not bool(torch.isfinite(m).all()):
                 raise ValueError(f"tensor {k!r}: mean contains NaN or Inf")
@@ -397,7 +411,7 @@ class _MomentStrategy(Strategy):
                 g = global_state.get(k)
                 if g is None or t.shape != g.shape:
                     raise ValueError(
-                        f"{self.name} state {moment}.{k} {_describe(t)} does not fit the model"
+                        f"{self.name} state {moment}.{k} {describe(t)} does not fit the model"
                     )
 
     def state_dict(self) -> dict[str, Tensor]:

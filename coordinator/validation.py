@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .strategies import spec_of, update_problem
+
 __all__ = ["NORM_MODES", "REASONS", "UpdateValidator", "Verdict", "delta_norm"]
 
 NORM_MODES = ("off", "clip", "reject")
@@ -70,10 +72,6 @@ class Verdict:
     def accepted(self) -> bool:
         """Whether the update may be aggregated (as `state`)."""
         return self.reason is None
-
-
-def _describe(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {t.dtype}"
 
 
 def delta_norm(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
@@ -130,21 +128,9 @@ class UpdateValidator:
 
     def check(self, state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> Verdict:
         """Judge `state` against the global model `reference` it was trained from."""
-        unknown = sorted(set(state) - set(reference))
-        if unknown:
-            return Verdict("unknown_tensor", f"tensors the model lacks: {unknown[:5]}")
-        missing = sorted(set(reference) - set(state))
-        if missing:
-            return Verdict("missing_tensor", f"tensors the update lacks: {missing[:5]}")
-        for k, ref in reference.items():
-            t = state[k]
-            if not isinstance(t, Tensor) or t.shape != ref.shape:
-                got = _describe(t) if isinstance(t, Tensor) else type(t).__name__
-                return Verdict("bad_shape", f"{k}: expected {tuple(ref.shape)}, got {got}")
-            if t.dtype != ref.dtype:
-                return Verdict("bad_dtype", f"{k}: expected {ref.dtype}, got {t.dtype}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                return Verdict("non_finite", f"{k} holds NaN or Inf")
+        problem = update_problem(spec_of(reference), state)
+        if problem is not None:
+            return Verdict(*problem)
         if self.mode == "off":
             return Verdict(None, state=state)
         norm = delta_norm(state, reference)
