@@ -164,6 +164,22 @@ def test_mpq_trains_per_layer_bits_and_deploys_a_layer_map() -> None:
     assert {m.bits for m in layers.values()} == {3}
 
 
+def test_mpq_lasso_leaves_out_layers_at_the_narrowest_width() -> None:
+    """A 2-bit layer cannot be pruned further, so the Lasso must not shrink it."""
+    layer_bits = dict.fromkeys(layer_sizes(create_model("lenet5")), 2) | {"features.3": 4}
+    model = MPQ(layer_bits=layer_bits, lasso=0.1).prepare(create_model("lenet5"))
+    term = MPQ(layer_bits=layer_bits, lasso=0.1).regularizer(model)
+    assert term is not None
+    expected = 0.1 * group_lasso(model, {"features.3": 4}).item()
+    assert term.item() == pytest.approx(expected)
+    term.backward()
+    grads = {n: m.weight.grad for n, m in quant_layers(model).items()}
+    assert grads["features.3"].abs().sum() > 0
+    assert all(g is None or not g.any() for n, g in grads.items() if n != "features.3")
+    uniform = MPQ(bits=2, lasso=0.1)
+    assert uniform.regularizer(uniform.prepare(create_model("lenet5"))) is None
+
+
 def test_mpq_rejects_bad_options() -> None:
     assert MPQ(lasso=0.0).regularizer(lenet()) is None
     with pytest.raises(ValueError, match="lasso"):
