@@ -446,20 +446,36 @@ def _method_results(
 # --- the experiment ------------------------------------------------------------------------------
 
 
-def _capture(methods: Mapping[str, dict], name: str) -> dict[str, float] | None:
-    """FedHQ's two captures for method `name`, against all-QAT and all-PTQ."""
+def _capture(methods: Mapping[str, dict], name: str) -> dict[str, Any] | None:
+    """FedHQ's two captures for method `name`, against all-QAT and all-PTQ.
+
+    A capture is a share of what all-QAT gains in accuracy (or all-PTQ saves in time), so it
+    is defined only when that gain is positive: where a short run leaves all-QAT no more
+    accurate than all-PTQ (it happens from seed to seed), the ratio would flip sign or blow
+    up, and is left out with a note instead.
+    """
     try:
         q, p, m = methods["all_qat"], methods["all_ptq"], methods[name]
     except KeyError:
         return None
     t_span = q["sim_seconds"] - p["sim_seconds"]
     a_span = q["final_acc"] - p["final_acc"]
-    speed = (q["sim_seconds"] - m["sim_seconds"]) / t_span if t_span else None
-    acc = (m["final_acc"] - p["final_acc"]) / a_span if a_span else None
-    return {
+    speed = (q["sim_seconds"] - m["sim_seconds"]) / t_span if t_span > 0 else None
+    acc = (m["final_acc"] - p["final_acc"]) / a_span if a_span > 0 else None
+    out: dict[str, Any] = {
         "speed_capture": None if speed is None else round(speed, 4),
         "acc_capture": None if acc is None else round(acc, 4),
     }
+    notes = []
+    if speed is None:
+        notes.append(f"all_qat is not slower than all_ptq ({t_span:+.2f} s): no time to save")
+    if acc is None:
+        notes.append(
+            f"all_qat is not more accurate than all_ptq ({a_span:+.4f}): no gain to capture"
+        )
+    if notes:
+        out["note"] = "; ".join(notes)
+    return out
 
 
 def _with_sum(capture: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import pytest
 from bitfleet.cli.main import main
 from bitfleet.protocol.inprocess import InProcessBus, topic_matches
 from coordinator.config import JobConfigError
-from coordinator.simulate import load_experiment, run_experiment
+from coordinator.simulate import _capture, load_experiment, run_experiment
 from tests.tiny_fmnist import make_tiny_fmnist
 
 EXPERIMENT = """
@@ -135,3 +135,18 @@ def test_in_process_bus_matches_topics_and_keeps_retained_messages() -> None:
     will._kill()  # vanishing without stop(): the bus publishes the last will
     sub.stop()
     assert got == [("f/register/d1", b"hello"), ("f/register/d2", b"bye")]
+
+
+def test_capture_is_a_share_only_when_all_qat_gains() -> None:
+    def run(acc: float, sim: float) -> dict[str, float]:
+        return {"final_acc": acc, "sim_seconds": sim}
+
+    methods = {"all_qat": run(0.80, 120.0), "all_ptq": run(0.76, 80.0), "fedhq": run(0.79, 90.0)}
+    assert _capture(methods, "fedhq") == {"speed_capture": 0.75, "acc_capture": 0.75}
+    # A short run can leave all-QAT below all-PTQ: the ratio would be -3, not a share.
+    methods["all_qat"] = run(0.7844, 110.7)
+    methods["all_ptq"] = run(0.7862, 79.3)
+    cap = _capture(methods, "fedhq")
+    assert cap is not None and cap["acc_capture"] is None and cap["speed_capture"] is not None
+    assert "not more accurate" in cap["note"] and "-0.0018" in cap["note"]
+    assert _capture({"fedhq": run(0.8, 1.0)}, "fedhq") is None
