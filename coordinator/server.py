@@ -59,7 +59,7 @@ from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .config import JobConfig, config_hash
 from .state import StateStore
 from .strategies import make_aggregator, make_strategy
-from .validation import UpdateValidator
+from .validation import Reference, UpdateValidator
 
 log = logging.getLogger(__name__)
 
@@ -609,6 +609,7 @@ class Coordinator:
         mean = make_aggregator(
             self.cfg.server.aggregation, self.global_state, trim=self.cfg.server.trim
         )
+        reference = Reference(self.global_state)  # flattened once for all of the round's updates
         received: dict[str, _Update] = {}
         quorum = max(1, math.ceil(rc.quorum * len(selected)))
         deadline = time.monotonic() + rc.deadline_s
@@ -635,7 +636,7 @@ class Coordinator:
                 self._drop("late_or_unexpected", f"update/{upd.device}", f"round {upd.round}")
                 continue
             # Before record_update: a forged update must not use up the device's slot.
-            verdict = self.validator.check(upd.state, self.global_state)
+            verdict = self.validator.check(upd.state, reference)
             if verdict.reason is not None:
                 self._drop(verdict.reason, f"update/{upd.device}", verdict.detail)
                 continue
@@ -648,7 +649,7 @@ class Coordinator:
                 self._drop("duplicate", f"update/{upd.device}", f"round {rnd}")
                 continue
             try:
-                mean.add(verdict.state, float(upd.n_samples))
+                mean.add(verdict.update, float(upd.n_samples))  # checked: not checked again
             except ValueError as exc:
                 self._drop("bad_update", f"update/{upd.device}", exc)
                 continue

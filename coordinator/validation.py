@@ -19,7 +19,12 @@ reaching back into earlier rounds errs on the lenient side, never towards reject
 devices. Until `min_history` norms are known nothing is judged by norm. The median stays honest
 while fewer than half of the remembered updates are hostile (the rule's breakdown point).
 
-Memory: the window holds floats; clipping makes one copy of the update; O(model) in all.
+Cost: every check works on the update's floating tensors flattened into one vector, measured
+against the global model flattened once per round (`Reference`), so it is a handful of torch
+ops however many tensors the model has; the vector it checked goes on to the aggregator
+(`Verdict.update`), which does not check it again. Memory: the window holds floats; a check
+makes the flat copy of the update and a float64 difference for its norm, clipping one more
+vector, and the reference is the model in float64: O(model) in all.
 """
 
 from __future__ import annotations
@@ -33,9 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .strategies import spec_of, update_problem
+from .strategies import CheckedUpdate, Layout, UpdateError
 
-__all__ = ["NORM_MODES", "REASONS", "UpdateValidator", "Verdict", "delta_norm"]
+__all__ = ["NORM_MODES", "REASONS", "Reference", "UpdateValidator", "Verdict", "delta_norm"]
 
 NORM_MODES = ("off", "clip", "reject")
 """`off`: no norm rule; `clip`: scale an outlier's delta down to the threshold (median-based
@@ -57,8 +62,9 @@ class Verdict:
     """What `UpdateValidator.check` decided about one update.
 
     Accepted: `reason` is None and `state` is what to aggregate (the update itself, or a clipped
-    copy when `scale` < 1). Refused: `reason` names the rule. `detail` says what broke it, or
-    why a clipped update was clipped.
+    copy when `scale` < 1), and `update` is the same again as the checked flat vector, which an
+    aggregator's `add` takes without checking it again. Refused: `reason` names the rule.
+    `detail` says what broke it, or why a clipped update was clipped.
     `norm` is the delta's norm as received (None when the norm rule is off or was not reached).
     """
 
@@ -67,6 +73,7 @@ class Verdict:
     state: Mapping[str, Tensor] | None = None
     norm: float | None = None
     scale: float = 1.0
+    update: CheckedUpdate | None = None
 
     @property
     def accepted(self) -> bool:
@@ -74,19 +81,38 @@ class Verdict:
         return self.reason is None
 
 
+class Reference:
+    """The global model that a round's updates are judged against, flattened once.
+
+    Every update's delta is taken against it; flattening (and widening to float64) the model
+    once per round rather than once per update keeps a check a handful of ops. Build one when
+    the round starts, after the global model last changed; `check` also takes a plain state and
+    builds a reference for that call.
+    """
+
+    def __init__(self, state: Mapping[str, Tensor]) -> None:
+        self.state = state
+        self.layout = Layout(state)
+        self.vector = self.layout.flatten(state, dtype=torch.float64)
+
+    def distance(self, vector: Tensor) -> float:
+        """L2 norm of `vector - reference`, for a vector in this reference's layout.
+
+        The difference is taken in float64, where no difference of float32 values overflows,
+        in one op over the whole model rather than a few per tensor.
+        """
+        with torch.no_grad():
+            return float(torch.linalg.vector_norm(vector - self.vector))
+
+
 def delta_norm(state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> float:
     """L2 norm of `state - reference` over the floating tensors, taken as one flat vector.
 
     Integer buffers (BatchNorm's batch counters) are bookkeeping, not learned values, and are
-    left out. Summed in float64, one tensor at a time, so no copy of the whole model is made.
+    left out. `state` is not checked: it must have the reference's tensors.
     """
-    total = 0.0
-    with torch.no_grad():
-        for k, ref in reference.items():
-            if ref.is_floating_point():
-                diff = state[k].detach().to(torch.float64) - ref.detach().to(torch.float64)
-                total += float(torch.linalg.vector_norm(diff)) ** 2
-    return total**0.5
+    ref = Reference(reference)
+    return ref.distance(ref.layout.flatten(state))
 
 
 class UpdateValidator:
@@ -126,22 +152,32 @@ class UpdateValidator:
         median = statistics.median(self._norms)
         return self.factor * median if median > 0 else None
 
-    def check(self, state: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> Verdict:
-        """Judge `state` against the global model `reference` it was trained from."""
-        problem = update_problem(spec_of(reference), state)
-        if problem is not None:
-            return Verdict(*problem)
+    def check(
+        self, state: Mapping[str, Tensor], reference: Mapping[str, Tensor] | Reference
+    ) -> Verdict:
+        """Judge `state` against the global model `reference` it was trained from.
+
+        Pass a `Reference` built once for the round: a plain state is flattened on every call.
+        """
+        if not isinstance(reference, Reference):
+            reference = Reference(reference)
+        try:
+            update = reference.layout.check(state)
+        except UpdateError as refused:
+            return Verdict(refused.reason, refused.detail)
         if self.mode == "off":
-            return Verdict(None, state=state)
-        norm = delta_norm(state, reference)
+            return Verdict(None, state=state, update=update)
+        norm = reference.distance(update.vector)
         limit = self.threshold()
         if limit is None or norm <= limit:
-            return Verdict(None, state=state, norm=norm)
+            return Verdict(None, state=state, norm=norm, update=update)
         detail = f"delta norm {norm:.4g} > {self.factor:g} x median = {limit:.4g}"
         if self.mode == "reject":
             return Verdict("norm_outlier", detail, norm=norm)
         scale = limit / norm
-        return Verdict(None, detail, state=_scaled(state, reference, scale), norm=norm, scale=scale)
+        clipped = _scaled(update, reference, scale)
+        clipped_state = {**state, **reference.layout.unflatten(clipped.vector)}
+        return Verdict(None, detail, clipped_state, norm=norm, scale=scale, update=clipped)
 
     def observe(self, verdict: Verdict) -> None:
         """Remember an aggregated update's norm (after clipping) for the median of later ones."""
@@ -151,16 +187,11 @@ class UpdateValidator:
             self._norms.append(verdict.norm * verdict.scale)
 
 
-def _scaled(
-    state: Mapping[str, Tensor], reference: Mapping[str, Tensor], scale: float
-) -> dict[str, Tensor]:
-    """`reference + scale * (state - reference)` for floating tensors; others as sent."""
-    out: dict[str, Tensor] = {}
+def _scaled(update: CheckedUpdate, reference: Reference, scale: float) -> CheckedUpdate:
+    """`reference + scale * (update - reference)`, computed in float64, in the update's dtype.
+
+    With 0 < scale < 1 this lies between two finite vectors, so it is as checked as `update`.
+    """
     with torch.no_grad():
-        for k, ref in reference.items():
-            t = state[k]
-            if ref.is_floating_point():
-                ref64 = ref.detach().to(torch.float64)
-                t = (ref64 + scale * (t.detach().to(torch.float64) - ref64)).to(ref.dtype)
-            out[k] = t
-    return out
+        vector = reference.vector + scale * (update.vector - reference.vector)
+    return CheckedUpdate(update.layout, vector.to(update.layout.dtype))

@@ -290,6 +290,25 @@ def test_running_mean_rejects_bad_updates_and_stays_unchanged() -> None:
         rm.merge(other)
 
 
+def test_partial_state_is_one_sum_per_tensor() -> None:
+    """The shipped format names each tensor's sum, whatever the accumulator keeps inside."""
+    rm = RunningMean(model_state())
+    states, weights = [model_state(1), model_state(2)], [2.0, 3.0]
+    for s, w in zip(states, weights, strict=True):
+        rm.add(s, w)
+    partial = rm.partial_state()
+    assert list(partial) == ["sum.fc.weight", "sum.fc.bias", "meta.count", "meta.total_weight"]
+    for k in ("fc.weight", "fc.bias"):
+        expected = sum(w * s[k].double() for s, w in zip(states, weights, strict=True))
+        torch.testing.assert_close(partial["sum." + k], expected)
+    partial["sum.fc.bias"].zero_()  # a copy: the aggregate is untouched
+    expected_bias = direct_mean(states, weights, "fc.bias").float()
+    torch.testing.assert_close(rm.mean()["fc.bias"], expected_bias)
+    partial["sum.fc.bias"] = torch.zeros(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"partial sum 'fc.bias': expected \(3,\) torch.float64"):
+        RunningMean.from_partial(model_state(), partial)
+
+
 # --- strategies ------------------------------------------------------------------------------
 
 

@@ -25,12 +25,15 @@ from bitfleet.protocol import (
 from coordinator import strategies
 from coordinator.config import JobConfigError, ValidationSection, job_config_from_dict
 from coordinator.strategies import (
+    CheckedUpdate,
     CoordinateMedian,
+    Layout,
     RunningMean,
     TrimmedMean,
+    UpdateError,
     make_aggregator,
 )
-from coordinator.validation import REASONS, UpdateValidator, delta_norm
+from coordinator.validation import REASONS, Reference, UpdateValidator, delta_norm
 from tests.test_fleet import FLEET, job, run_coordinator, start_agent, stop_all
 from tests.tiny_fmnist import make_tiny_fmnist
 
@@ -119,6 +122,48 @@ def test_a_good_update_passes_as_sent() -> None:
     assert delta_norm(glob, glob) == 0.0
 
 
+@pytest.mark.parametrize(
+    ("index", "key"),
+    [(0, "fc.weight"), (11, "fc.weight"), (12, "fc.bias"), (14, "fc.bias")],
+)
+def test_non_finite_names_the_tensor_at_either_side_of_a_boundary(index: int, key: str) -> None:
+    """The finiteness check runs over one flat vector; the tensor named is the one hit."""
+    update = model_state(1)
+    layout = Layout(update)
+    vector = layout.flatten(update)
+    vector[index] = float("nan")
+    bad = {**update, **layout.unflatten(vector)}
+    with pytest.raises(UpdateError, match=f"tensor '{key}': contains NaN") as info:
+        layout.check(bad)
+    assert info.value.reason == "non_finite"
+
+
+def test_structure_is_judged_before_values() -> None:
+    """A misshapen tensor is reported even when an earlier one holds NaN: nothing is flattened
+    (nor its values read) before every tensor fits."""
+    update = model_state(1)
+    _nan(update)
+    update["fc.bias"] = torch.zeros(4)
+    assert UpdateValidator().check(update, model_state(0)).reason == "bad_shape"
+
+
+def test_half_precision_tensors_are_checked_measured_and_averaged() -> None:
+    glob = {"w": torch.ones(4, dtype=torch.float16), "b": torch.zeros(2), "n": torch.tensor(3)}
+    update = {"w": torch.full((4,), 2.0, dtype=torch.float16), "b": torch.ones(2), "n": glob["n"]}
+    assert Layout(glob).dtype == torch.float32  # never measured in half precision
+    verdict = UpdateValidator().check(update, glob)
+    assert verdict.accepted and verdict.norm == pytest.approx(math.sqrt(4 + 2))
+    rm = RunningMean(glob)
+    rm.add(verdict.update, 1.0)
+    rm.add(glob, 3.0)
+    mean = rm.mean()
+    assert (mean["w"].dtype, mean["b"].dtype) == (torch.float16, torch.float32)
+    torch.testing.assert_close(mean["w"], torch.full((4,), 1.25, dtype=torch.float16))
+    torch.testing.assert_close(mean["b"], torch.full((2,), 0.25))
+    inf = {**update, "w": torch.tensor([1.0, float("inf"), 0.0, 0.0], dtype=torch.float16)}
+    assert UpdateValidator().check(inf, glob).reason == "non_finite"
+
+
 # --- the norm rule --------------------------------------------------------------------------
 
 
@@ -181,6 +226,19 @@ def test_check_has_no_side_effect_and_a_zero_median_judges_nothing() -> None:
     _warm(validator, glob, [0.0, 0.0])  # every device sent the global model back
     assert validator.threshold() is None
     assert validator.check(with_delta(glob, 7.0), glob).accepted
+
+
+def test_a_reference_built_once_judges_as_the_plain_state() -> None:
+    glob = model_state(0)
+    once, each = (UpdateValidator(mode="clip", factor=3.0, min_history=3) for _ in range(2))
+    reference = Reference(glob)
+    for i, n in enumerate([1.0, 1.2, 0.9, 50.0, 1.1]):
+        update = with_delta(glob, n, seed=i)
+        a, b = once.check(update, reference), each.check(update, glob)
+        assert (a.reason, a.norm, a.scale, a.detail) == (b.reason, b.norm, b.scale, b.detail)
+        once.observe(a)
+        each.observe(b)
+    assert once.threshold() == each.threshold()
 
 
 @pytest.mark.parametrize(
@@ -266,6 +324,43 @@ def test_make_aggregator_and_bad_input() -> None:
     with pytest.raises(ValueError, match="NaN"):
         agg.add({**tmpl, "fc.bias": torch.full((3,), float("nan"))}, 1.0)
     assert agg.count == 0  # a refused update leaves nothing behind
+
+
+@pytest.mark.parametrize("rule", ["mean", "trimmed_mean", "median"])
+def test_a_checked_update_is_aggregated_without_a_second_check(
+    rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The validator's checked vector (clipped, for an outlier) is what the aggregator folds."""
+    glob = model_state(0)
+    validator = UpdateValidator(mode="clip", factor=3.0, min_history=3)
+    _warm(validator, glob, [1.0, 1.0, 1.0])
+    updates = [with_delta(glob, n, seed=10 + i) for i, n in enumerate([0.5, 1.5, 100.0, 2.0])]
+    verdicts = [validator.check(u, Reference(glob)) for u in updates]
+    assert verdicts[2].scale == pytest.approx(0.03)
+    checks = []
+    monkeypatch.setattr(Layout, "check", lambda self, state: checks.append(state))
+    fast = make_aggregator(rule, glob)
+    for v in verdicts:
+        assert isinstance(v.update, CheckedUpdate)
+        fast.add(v.update, 10.0)
+    assert checks == []
+    monkeypatch.undo()
+    plain = make_aggregator(rule, glob)
+    for v in verdicts:
+        assert v.state is not None
+        plain.add(v.state, 10.0)  # as a state dict: checked again, same values
+    for k, t in plain.mean().items():
+        torch.testing.assert_close(fast.mean()[k], t, rtol=0, atol=0)
+
+
+def test_an_aggregator_refuses_a_checked_update_of_another_model() -> None:
+    other = Layout({"w": torch.zeros(15)})
+    checked = other.check({"w": torch.ones(15)})
+    for rule in ("mean", "median"):
+        agg = make_aggregator(rule, model_state(0))
+        with pytest.raises(ValueError, match="another model"):
+            agg.add(checked, 1.0)
+        assert agg.count == 0
 
 
 # --- configuration --------------------------------------------------------------------------
