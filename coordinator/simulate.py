@@ -23,8 +23,8 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,18 @@ class Experiment:
     eval_bits: tuple[int, ...]
     quick: dict[str, Any]
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    quick_seeds: tuple[int, ...] | None = None
+
+    def seeds_for(self, quick: bool) -> tuple[int, ...]:
+        """The job seeds a run repeats every method over: `[simulate.quick] seeds` in a quick
+        run where given, else `[simulate] seeds`, else the job's own seed."""
+        return self.quick_seeds if quick and self.quick_seeds else self.seeds
+
+    def with_seed(self, seed: int) -> Experiment:
+        """The same experiment with `[job] seed` set: another data split, initial model and
+        random draws (a method that sets its own seed keeps it)."""
+        return replace(self, base=_merge(self.base, {"job": {"seed": seed}}))
 
 
 def _merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,7 +116,7 @@ def load_experiment(path: str | Path) -> Experiment:
     if not isinstance(methods, dict) or not methods:
         raise JobConfigError(f"{path}: [methods] must name at least one method")
     ablations = raw.pop("ablations", {})
-    known = {"name", "devices", "eval_bits", "quick", "description"}
+    known = {"name", "devices", "eval_bits", "quick", "description", "seeds"}
     for key in sim:
         if key not in known:
             raise JobConfigError(f"{path}: unknown key simulate.{key}; allowed: {sorted(known)}")
@@ -134,6 +146,12 @@ def load_experiment(path: str | Path) -> Experiment:
                 raise JobConfigError(f"{where} must be a table of job tables")
             job_config_from_dict(_merge(base, overlay), source=where)
     eval_bits = tuple(sim.get("eval_bits", EVAL_BITS_DEFAULT))
+    quick = dict(sim.get("quick", {}))
+    default_seed = base.get("job", {}).get("seed", 0)
+    seeds = _check_seeds(sim.get("seeds", [default_seed]), f"{path}: simulate.seeds")
+    quick_seeds = quick.pop("seeds", None)
+    if quick_seeds is not None:
+        quick_seeds = _check_seeds(quick_seeds, f"{path}: simulate.quick.seeds")
     return Experiment(
         path=path,
         name=str(sim.get("name", path.stem)),
@@ -141,9 +159,22 @@ def load_experiment(path: str | Path) -> Experiment:
         methods=methods,
         devices=devices,
         eval_bits=eval_bits,
-        quick=dict(sim.get("quick", {})),
+        quick=quick,
         ablations=ablations,
+        seeds=seeds,
+        quick_seeds=quick_seeds,
     )
+
+
+def _check_seeds(value: Any, where: str) -> tuple[int, ...]:
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    )
+    if not ok or len(set(value)) != len(value):
+        raise JobConfigError(f"{where} must be a list of distinct integers >= 0, got {value!r}")
+    return tuple(value)
 
 
 # --- the virtual fleet ---------------------------------------------------------------------------
@@ -215,9 +246,16 @@ class VirtualFleet:
         return self.profiles, data
 
 
-def build_fleet(exp: Experiment, data: ImageData, job: JobConfig, quick: bool) -> VirtualFleet:
+def build_fleet(
+    exp: Experiment,
+    data: ImageData,
+    job: JobConfig,
+    quick: bool,
+    host_steps: dict[str, float] | None = None,
+) -> VirtualFleet:
     """Split the training set over the devices (Dirichlet or IID, seeded) and give each its
-    board's profile with step times scaled from this host's."""
+    board's profile with step times scaled from this host's (`host_steps`, measured here
+    unless given: repeated seeds share one measurement, so their clocks are comparable)."""
     x, y = data.train_x, data.train_y
     fraction = float(exp.quick.get("train_fraction", 1.0)) if quick else 1.0
     if fraction < 1.0:
@@ -231,9 +269,10 @@ def build_fleet(exp: Experiment, data: ImageData, job: JobConfig, quick: bool) -
     for overlay in exp.methods.values():
         a = overlay.get("allocation", {})
         strategies |= {a.get(k) for k in ("strategy", "qat_strategy", "ptq_strategy")} - {None}
-    host_steps = measure_host_steps(
-        job.model.name, job.data.dataset, strategies, job.training.batch_size
-    )
+    if host_steps is None:
+        host_steps = measure_host_steps(
+            job.model.name, job.data.dataset, strategies, job.training.batch_size
+        )
     machine = measure_machine()
     fleet_data, profiles = {}, {}
     for dev, idx in zip(exp.devices, parts, strict=True):
@@ -518,36 +557,63 @@ def _summary(methods: Mapping[str, dict], devices: list[SimDevice]) -> dict[str,
 
 
 def run_experiment(
-    path: str | Path, out: str | Path, *, quick: bool = False, broker: str | None = None
+    path: str | Path,
+    out: str | Path,
+    *,
+    quick: bool = False,
+    broker: str | None = None,
+    seeds: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Run every method of an experiment file; write results.json, report.md and plots."""
+    """Run every method of an experiment file; write results.json, report.md and plots.
+
+    With several seeds every method and ablation runs once per seed, each seed's own results
+    go to `DIR/seed-N/`, and `DIR/results.json` holds their means (with each seed's figures
+    under `by_seed`): a ranking of methods from one seed is often the seed's, not the
+    methods'.
+    """
     from .simulate_report import write_report
 
     exp = load_experiment(path)
+    seeds = _check_seeds(list(seeds), "--seeds") if seeds else exp.seeds_for(quick)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    first = _job_dict(exp, next(iter(exp.methods.values())), "base", out, quick)
-    base_cfg = job_config_from_dict(first, source=str(exp.path))
-    data = load_dataset(base_cfg.data.dataset, data_dir=base_cfg.data.data_dir)
-    fleet = build_fleet(exp, data, base_cfg, quick)
-    print(
-        f"bitfleet simulate {exp.name}: {len(exp.devices)} virtual devices, "
-        f"{len(exp.methods)} methods{' (quick)' if quick else ''}; host step times "
-        + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in fleet.host_steps.items()),
-        file=sys.stderr,
-        flush=True,
-    )
-    methods: dict[str, dict[str, Any]] = {}
-    by_assignment: dict[str, str] = {}
-    for name, overlay in exp.methods.items():
-        methods[name], _ = run_method(
-            exp, name, overlay, fleet, data, out, quick=quick, broker=broker
+    data: ImageData | None = None
+    host_steps: dict[str, float] | None = None
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        exp_s = exp.with_seed(seed)
+        out_s = out if len(seeds) == 1 else out / f"seed-{seed}"
+        out_s.mkdir(parents=True, exist_ok=True)
+        first = _job_dict(exp_s, next(iter(exp_s.methods.values())), "base", out_s, quick)
+        base_cfg = job_config_from_dict(first, source=str(exp.path))
+        if data is None:
+            data = load_dataset(base_cfg.data.dataset, data_dir=base_cfg.data.data_dir)
+        fleet = build_fleet(exp_s, data, base_cfg, quick, host_steps)
+        host_steps = fleet.host_steps
+        print(
+            f"bitfleet simulate {exp.name}: {len(exp.devices)} virtual devices, "
+            f"{len(exp.methods)} methods{' (quick)' if quick else ''}, seed {seed}"
+            f"{f' ({len(per_seed) + 1} of {len(seeds)})' if len(seeds) > 1 else ''}; "
+            "host step times "
+            + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in fleet.host_steps.items()),
+            file=sys.stderr,
+            flush=True,
         )
-        by_assignment.setdefault(_assignment_key(exp, overlay, methods[name]), name)
-        _write(out, exp, quick, methods, {}, t0)  # keep what is done if a later method fails
-    ablations = _run_ablations(exp, fleet, data, out, quick, broker, methods, by_assignment)
-    results = _write(out, exp, quick, methods, ablations, t0)
+        methods: dict[str, dict[str, Any]] = {}
+        by_assignment: dict[str, str] = {}
+        for name, overlay in exp_s.methods.items():
+            methods[name], _ = run_method(
+                exp_s, name, overlay, fleet, data, out_s, quick=quick, broker=broker
+            )
+            by_assignment.setdefault(_assignment_key(exp_s, overlay, methods[name]), name)
+            _write(out_s, exp_s, quick, methods, {}, t0)  # keep what is done if a later one fails
+        ablations = _run_ablations(exp_s, fleet, data, out_s, quick, broker, methods, by_assignment)
+        per_seed[seed] = _write(out_s, exp_s, quick, methods, ablations, t0)
+        if len(seeds) > 1:
+            write_report(per_seed[seed], out_s)
+    one = len(seeds) == 1
+    results = per_seed[seeds[0]] if one else _write_mean(out, exp, quick, per_seed, t0)
     write_report(results, out)
     return results
 
@@ -643,11 +709,89 @@ def _write(
         "experiment": exp.name,
         "quick": quick,
         "devices": [d.__dict__ for d in exp.devices],
+        "seed": exp.base.get("job", {}).get("seed", 0),
         "time_note": TIME_NOTE,
         "allocation_seconds": {k: round(v, 4) for k, v in alloc.items()},
         "methods": methods,
         "ablations": ablations,
         "summary": _summary(methods, exp.devices),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    tmp = out / "results.json.part"
+    tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
+    tmp.replace(out / "results.json")
+    return results
+
+
+# --- several seeds --------------------------------------------------------------------------------
+
+_MEANS = {"final_acc": 4, "final_acc_fp32": 4, "sim_seconds": 2, "host_seconds": 2}
+_PER_SEED = ("final_acc", "final_acc_fp32", "sim_seconds", "assignment")
+
+
+def _mean(values: Sequence[Any], digits: int) -> float | None:
+    numbers = [float(v) for v in values if v is not None]
+    return round(sum(numbers) / len(numbers), digits) if numbers else None
+
+
+def _mean_map(maps: Sequence[Mapping[str, Any]], digits: int) -> dict[str, float | None]:
+    return {k: _mean([m.get(k) for m in maps], digits) for k in maps[0]}
+
+
+def _mean_entry(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """One method (or ablation) over seeds: the first seed's entry with its figures replaced
+    by their means, and every seed's own figures under `by_seed`."""
+    entries = list(runs.values())
+    out = copy.deepcopy(dict(entries[0]))
+    for key in ("speed_capture", "acc_capture", "sum", "note", "same_assignment_as"):
+        out.pop(key, None)  # per seed; the captures are recomputed from the means
+    for key, digits in _MEANS.items():
+        if key in out:
+            out[key] = _mean([e.get(key) for e in entries], digits)
+    for key in ("acc_by_bits", "device_acc"):
+        if key in out:
+            out[key] = _mean_map([e[key] for e in entries], 4)
+    if "qat_devices" in out:
+        out["qat_devices"] = _mean([e["qat_devices"] for e in entries], 2)
+    if "curve" in out and len({len(e["curve"]) for e in entries}) == 1:
+        out["curve"] = [
+            [points[0][0], _mean([p[1] for p in points], 2), _mean([p[2] for p in points], 4)]
+            for points in zip(*(e["curve"] for e in entries), strict=True)
+        ]
+    out["by_seed"] = {str(seed): {k: e[k] for k in _PER_SEED if k in e} for seed, e in runs.items()}
+    return out
+
+
+def _write_mean(
+    out: Path, exp: Experiment, quick: bool, per_seed: Mapping[int, dict], t0: float
+) -> dict[str, Any]:
+    """results.json over several seeds: the means of every figure, captures from the means."""
+    first = next(iter(per_seed.values()))
+    methods = {
+        name: _mean_entry({s: r["methods"][name] for s, r in per_seed.items()})
+        for name in first["methods"]
+    }
+    ablations = {}
+    for name in first["ablations"]:
+        entry = _mean_entry({s: r["ablations"][name] for s, r in per_seed.items()})
+        cap = _capture({**methods, name: entry}, name)
+        ablations[name] = {**entry, **_with_sum(cap)} if cap is not None else entry
+    alloc = {
+        k: max(r["allocation_seconds"][k] for r in per_seed.values())
+        for k in first["allocation_seconds"]
+    }
+    results = {
+        "config": str(exp.path),
+        "experiment": exp.name,
+        "quick": quick,
+        "devices": first["devices"],
+        "seeds": list(per_seed),
+        "time_note": TIME_NOTE + " Every figure is the mean over the seeds; by_seed has each.",
+        "allocation_seconds": alloc,
+        "methods": methods,
+        "ablations": ablations,
+        "summary": _summary(methods, exp.devices),
+        "summary_by_seed": {str(s): r["summary"] for s, r in per_seed.items()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
     tmp = out / "results.json.part"
@@ -675,11 +819,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--broker", metavar="URL", help="run over this MQTT broker instead of in-process"
     )
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="N[,N...]",
+        help="job seeds to repeat every method over (default: the file's [simulate] seeds, "
+        "else its [job] seed); with several, results.json holds the means and DIR/seed-N/ "
+        "each seed's own results",
+    )
     p.set_defaults(run=_run)
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+    try:
+        return list(_check_seeds(seeds, "--seeds"))
+    except JobConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _run(args: argparse.Namespace) -> int:
-    results = run_experiment(args.config, args.out, quick=args.quick, broker=args.broker)
+    results = run_experiment(
+        args.config, args.out, quick=args.quick, broker=args.broker, seeds=args.seeds
+    )
     for name, m in results["methods"].items():
         print(
             f"{name:>16}: acc {m['final_acc']} at {m['deploy_bits']} bits, "

@@ -76,6 +76,11 @@ def _markdown(
     if results.get("quick"):
         intro += " (quick run: the experiment's `[simulate.quick]` settings, fewer rounds)"
     intro += f"; {len(methods)} method{'s' if len(methods) != 1 else ''}"
+    if results.get("seeds"):
+        seeds = ", ".join(str(s) for s in results["seeds"])
+        intro += f"; every figure is the mean over seeds {seeds} (each seed in `seed-N/`)"
+    elif results.get("seed") is not None:
+        intro += f"; seed {results['seed']}"
     if _is_number(results.get("seconds")):
         intro += f", {_seconds(results['seconds'])} s in all (host clock)"
     lines = [

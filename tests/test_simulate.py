@@ -107,6 +107,56 @@ def test_simulate_runs_over_a_real_broker(experiment: Path, tmp_path: Path, mosq
     assert m["rounds"] == 1 and len(m["assignment"]) == 4
 
 
+def test_simulate_over_seeds_writes_means_and_each_seed(experiment: Path, tmp_path: Path) -> None:
+    text = experiment.read_text()
+    two = text.split("[methods.fedhq]")[0].replace(
+        "[simulate.quick]", "[simulate.quick]\nseeds = [0, 1]"
+    )
+    experiment.write_text(
+        two
+        + '[methods.all_qat]\nallocation = { mode = "fixed", strategy = "qat" }\n'
+        + '[methods.all_ptq]\nallocation = { mode = "fixed", strategy = "ptq" }\n'
+        + '[methods.fedhq]\nallocation = { mode = "fedhq" }\n'
+    )
+    out = tmp_path / "out"
+    assert main(["simulate", "--config", str(experiment), "--out", str(out), "--quick"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [0, 1]
+    per_seed = {s: json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)}
+    assert [per_seed[s]["seed"] for s in (0, 1)] == [0, 1]
+    # Another seed is another data split: the devices hold other samples.
+    assert (
+        per_seed[0]["methods"]["fedhq"]["significance"]
+        != per_seed[1]["methods"]["fedhq"]["significance"]
+    )
+    for name, m in results["methods"].items():
+        runs = [per_seed[s]["methods"][name] for s in (0, 1)]
+        for key in ("final_acc", "sim_seconds"):
+            assert m[key] == pytest.approx(sum(r[key] for r in runs) / 2, abs=1e-4)
+            assert [m["by_seed"][str(s)][key] for s in (0, 1)] == [r[key] for r in runs]
+        assert m["acc_by_bits"]["2"] == pytest.approx(
+            sum(r["acc_by_bits"]["2"] for r in runs) / 2, abs=1e-4
+        )
+        assert len(m["curve"]) == 1 and m["rounds"] == 1
+    # Captures come from the means, not averaged per seed.
+    q, p, f = (results["methods"][n] for n in ("all_qat", "all_ptq", "fedhq"))
+    if q["sim_seconds"] > p["sim_seconds"]:
+        expected = (q["sim_seconds"] - f["sim_seconds"]) / (q["sim_seconds"] - p["sim_seconds"])
+        assert results["summary"]["fedhq"]["speed_capture"] == pytest.approx(expected, abs=1e-3)
+    assert set(results["summary_by_seed"]) == {"0", "1"}
+    assert "seeds 0, 1" in (out / "report.md").read_text()
+    assert (out / "seed-1" / "report.md").exists()
+
+
+def test_seeds_must_be_distinct_non_negative_integers(experiment: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main(["simulate", "--config", str(experiment), "--out", str(tmp_path), "--seeds", "0,x"])
+    text = experiment.read_text().replace('name = "tiny"', 'name = "tiny"\nseeds = [1, 1]')
+    experiment.write_text(text)
+    with pytest.raises(JobConfigError, match=r"simulate.seeds"):
+        load_experiment(experiment)
+
+
 def test_bad_experiment_files_say_what_is_wrong(tmp_path: Path, experiment: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(experiment.read_text().replace('board = "rpi5"', 'board = "pi9000"'))
