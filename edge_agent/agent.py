@@ -18,10 +18,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -125,6 +124,17 @@ def load_local_data(opts: AgentOptions) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 BoardClock = Callable[[str, int], float]
+
+_T = TypeVar("_T")
+ComputeRunner = Callable[[Callable[[], Any]], Any]
+"""Runs a piece of training work and returns its result (the simulator queues it for one
+shared thread); the default runs it right here."""
+
+
+def _run_here(work: Callable[[], _T]) -> _T:
+    return work()
+
+
 """(strategy, optimiser steps) -> seconds the round's training takes on the board."""
 
 
@@ -133,8 +143,9 @@ class EdgeAgent:
 
     `transport_factory` replaces the MQTT connection (the simulator's in-process bus, called
     with `MqttTransport`'s keywords); `clock` gives a virtual board's training time in place
-    of the time measured on this host; `compute` is held while training, so virtual boards
-    sharing one host take turns instead of thrashing its cores.
+    of the time measured on this host; `compute` runs the training (a callable taking a
+    function and returning its result), so virtual boards sharing one host can take turns on
+    one thread instead of thrashing its cores.
     """
 
     def __init__(
@@ -145,10 +156,10 @@ class EdgeAgent:
         clock: BoardClock | None = None,
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
         profile: dict[str, Any] | None = None,
-        compute: AbstractContextManager[Any] | None = None,
+        compute: ComputeRunner | None = None,
     ) -> None:
         self.opts = opts
-        self.compute = compute or nullcontext()
+        self.compute = compute or _run_here
         self.transport_factory = transport_factory
         self.clock = clock
         self._given_data = data
@@ -302,7 +313,9 @@ class EdgeAgent:
         model.load_state_dict(unpack_state(blob))
         epochs = float(task["local_epochs"])
         batch_size = int(job["batch_size"])
-        with self.compute:
+        seed = random.Random(f"{self.device_id}:{task['round']}").randrange(2**31)
+
+        def work() -> tuple[float, float]:
             t0 = time.perf_counter()
             loss = train(
                 model,
@@ -313,9 +326,11 @@ class EdgeAgent:
                 batch_size=batch_size,
                 lr=float(job["lr"]),
                 optimizer=job["optimizer"],
-                seed=random.Random(f"{self.device_id}:{task['round']}").randrange(2**31),
+                seed=seed,
             )
-            seconds = time.perf_counter() - t0
+            return loss, time.perf_counter() - t0
+
+        loss, seconds = self.compute(work)
         meta = {
             "round": int(task["round"]),
             "job_id": task["job_id"],
@@ -377,7 +392,7 @@ def virtual_agent(
     broker: str | None = None,
     transport_factory: Callable[..., Any] | None = None,
     clock: BoardClock | None = None,
-    compute: AbstractContextManager[Any] | None = None,
+    compute: ComputeRunner | None = None,
 ) -> EdgeAgent:
     """An agent standing for a board it does not run on: the simulator's virtual device.
 
