@@ -598,18 +598,25 @@ class Coordinator:
         self._evaluate_async(report, {k: v.clone() for k, v in self.global_state.items()})
 
     def _collect(
-        self, rnd: int, selected: list[str], trial: int | None = None
+        self,
+        rnd: int,
+        selected: list[str],
+        trial: int | None = None,
+        reference: dict[str, torch.Tensor] | None = None,
     ) -> tuple[Any, dict[str, _Update], float, float]:
         """Fold the round's updates as they arrive until all, or quorum by the deadline.
 
         Returns the aggregate, the updates by device (their tensors already folded), and the
         seconds spent waiting and folding. Trial rounds (`trial`) leave no trace in the store.
+        Updates are judged against `reference`, the model the devices were sent (default: the
+        global model; a trial round after the first sends the previous trial's mean).
         """
         rc = self.cfg.rounds
         mean = make_aggregator(
             self.cfg.server.aggregation, self.global_state, trim=self.cfg.server.trim
         )
-        reference = Reference(self.global_state)  # flattened once for all of the round's updates
+        # Flattened once for all of the round's updates.
+        judge_by = Reference(self.global_state if reference is None else reference)
         received: dict[str, _Update] = {}
         quorum = max(1, math.ceil(rc.quorum * len(selected)))
         deadline = time.monotonic() + rc.deadline_s
@@ -636,7 +643,7 @@ class Coordinator:
                 self._drop("late_or_unexpected", f"update/{upd.device}", f"round {upd.round}")
                 continue
             # Before record_update: a forged update must not use up the device's slot.
-            verdict = self.validator.check(upd.state, reference)
+            verdict = self.validator.check(upd.state, judge_by)
             if verdict.reason is not None:
                 self._drop(verdict.reason, f"update/{upd.device}", verdict.detail)
                 continue
@@ -717,11 +724,11 @@ class Coordinator:
             seconds = 0.0
             for _ in range(a.fine_rounds):
                 payload = self._dispatch(0, selected, state, a.fine_epochs, trial=trial)
-                mean, received, _, _ = self._collect(0, selected, trial=trial)
+                mean, received, _, _ = self._collect(0, selected, trial=trial, reference=state)
                 trial += 1
                 if not received:
                     return  # stopped
-                state = mean.mean()
+                state = {**state, **mean.mean()}  # the mean holds no integer buffers
                 seconds += self._simulated_seconds(received.values(), payload)
             shares.append(qat_share(qat, ambiguous, points))
             gains.append(self.evaluate_state(state, bits) - base_acc)
