@@ -59,7 +59,7 @@ from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .config import JobConfig, config_hash
 from .state import StateStore
 from .strategies import make_aggregator, make_strategy
-from .validation import Reference, UpdateValidator
+from .validation import NORMS_KEY, Reference, UpdateValidator
 
 log = logging.getLogger(__name__)
 
@@ -463,7 +463,11 @@ class Coordinator:
         rnd, model_state, server_state = found
         self.model.load_state_dict(model_state)
         self.global_state = {k: v.clone() for k, v in model_state.items()}
-        self.strategy.load_state_dict(server_state)
+        validator_state = {k: v for k, v in server_state.items() if k == NORMS_KEY}
+        self.validator.load_state_dict(validator_state)
+        self.strategy.load_state_dict(
+            {k: v for k, v in server_state.items() if k not in validator_state}
+        )
         self.store.rollback_to(rnd)
         if self.store.last_completed_round() != rnd:
             # Killed between the checkpoint and the SQLite close: the checkpoint is the truth.
@@ -568,7 +572,8 @@ class Coordinator:
         t_close = time.perf_counter()
         self.global_state = self.strategy.apply(self.global_state, mean.mean())
         self.model.load_state_dict(self.global_state)
-        save_checkpoint(self.state_dir, rnd, self.global_state, self.strategy.state_dict())
+        server_state = {**self.strategy.state_dict(), **self.validator.state_dict()}
+        save_checkpoint(self.state_dir, rnd, self.global_state, server_state)
         self._update_layer_bits()
         stragglers = [d for d in selected if d not in received]
         host_s = time.perf_counter() - t_start

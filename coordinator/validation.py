@@ -40,7 +40,18 @@ from torch import Tensor
 
 from .strategies import CheckedUpdate, Layout, UpdateError
 
-__all__ = ["NORM_MODES", "REASONS", "Reference", "UpdateValidator", "Verdict", "delta_norm"]
+__all__ = [
+    "NORM_MODES",
+    "NORMS_KEY",
+    "REASONS",
+    "Reference",
+    "UpdateValidator",
+    "Verdict",
+    "delta_norm",
+]
+
+NORMS_KEY = "validator.norms"
+"""The checkpoint tensor holding the remembered norms, oldest first."""
 
 NORM_MODES = ("off", "clip", "reject")
 """`off`: no norm rule; `clip`: scale an outlier's delta down to the threshold (median-based
@@ -185,6 +196,23 @@ class UpdateValidator:
             raise ValueError(f"a refused update ({verdict.reason}) must not be observed")
         if verdict.norm is not None:
             self._norms.append(verdict.norm * verdict.scale)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The remembered norms, saved with each round's checkpoint: a restarted coordinator
+        then judges its next update as an uninterrupted one would, instead of waiving the
+        norm rule until `min_history` updates have been seen again."""
+        return {NORMS_KEY: torch.tensor(list(self._norms), dtype=torch.float64)}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        """Restore `state_dict`'s norms; a checkpoint without them (older) starts empty."""
+        unknown = sorted(set(state) - {NORMS_KEY})
+        if unknown:
+            raise ValueError(f"unexpected validator state {unknown}; expected {NORMS_KEY!r}")
+        saved = state.get(NORMS_KEY)
+        values = [] if saved is None else saved.detach().to(torch.float64).flatten().tolist()
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"{NORMS_KEY} must hold finite norms >= 0")
+        self._norms = deque(values, maxlen=self._norms.maxlen)
 
 
 def _scaled(update: CheckedUpdate, reference: Reference, scale: float) -> CheckedUpdate:

@@ -23,6 +23,7 @@ from bitfleet.protocol import (
     unpack_state,
 )
 from coordinator import strategies
+from coordinator.checkpoint import load_latest_checkpoint, save_checkpoint
 from coordinator.config import JobConfigError, ValidationSection, job_config_from_dict
 from coordinator.strategies import (
     CheckedUpdate,
@@ -33,7 +34,7 @@ from coordinator.strategies import (
     UpdateError,
     make_aggregator,
 )
-from coordinator.validation import REASONS, Reference, UpdateValidator, delta_norm
+from coordinator.validation import NORMS_KEY, REASONS, Reference, UpdateValidator, delta_norm
 from tests.test_fleet import FLEET, job, run_coordinator, start_agent, stop_all
 from tests.tiny_fmnist import make_tiny_fmnist
 
@@ -192,6 +193,29 @@ def test_clipping_scales_a_100x_update_to_the_threshold() -> None:
     assert torch.equal(clipped["bn.num_batches_tracked"], attack["bn.num_batches_tracked"])
     validator.observe(verdict)  # the window remembers the clipped norm, not the attacker's
     assert validator.threshold() == pytest.approx(3.0 * (1.0 + 1.1) / 2)  # median of 6, with 3.0
+
+
+def test_the_norm_window_survives_a_checkpoint(tmp_path: Path) -> None:
+    """A restarted coordinator must clip the next outlier as the uninterrupted one would."""
+    glob = model_state(0)
+    before = UpdateValidator(mode="clip", factor=3.0, min_history=4, window=4)
+    _warm(before, glob, [0.8, 1.0, 1.0, 1.2, 1.1])  # the window keeps the last 4
+    save_checkpoint(tmp_path, 0, glob, before.state_dict())
+    _, _, saved = load_latest_checkpoint(tmp_path)  # type: ignore[misc]
+    after = UpdateValidator(mode="clip", factor=3.0, min_history=4, window=4)
+    after.load_state_dict(saved)
+    assert after.threshold() == before.threshold() == pytest.approx(3.0 * 1.05)
+    attack = with_delta(glob, 100.0, seed=42)
+    assert after.check(attack, glob).scale == pytest.approx(before.check(attack, glob).scale)
+    fresh = UpdateValidator(mode="clip", min_history=4)
+    fresh.load_state_dict(UpdateValidator().state_dict())  # nothing remembered yet
+    assert fresh.threshold() is None
+    fresh.load_state_dict({})  # a checkpoint from before the window was saved
+    assert fresh.threshold() is None
+    with pytest.raises(ValueError, match="finite"):
+        fresh.load_state_dict({NORMS_KEY: torch.tensor([1.0, float("nan")])})
+    with pytest.raises(ValueError, match="unexpected"):
+        fresh.load_state_dict({"m.fc.weight": torch.zeros(1)})
 
 
 def test_reject_mode_drops_the_100x_update_and_forgets_it() -> None:
