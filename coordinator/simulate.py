@@ -344,10 +344,11 @@ class HostCompute:
     """The virtual boards' training, run one piece at a time on the thread that serves it.
 
     The boards share this host: ten of them training at once on two cores run slower in all
-    than one after the other. And the thread matters: torch's two-thread OpenMP kernels ran
-    LeNet-5's training step 1.7x slower called from a worker thread than from the main thread
-    here (7.4 against 4.3 ms), so the simulator serves this queue from its main thread while
-    the agents and the coordinator run in theirs.
+    than one after the other. And the threads matter: every thread that runs torch ops keeps
+    its own OpenMP team, and with a dozen teams on two cores libgomp stops spinning, so each
+    kernel call pays for a wake-up (LeNet-5's step: 7.1 ms beside ten idle teams, 4.8 ms
+    alone). The simulator therefore serves this queue from its main thread, with torch's two
+    threads, and runs the agents and the coordinator with one thread each.
     """
 
     def __init__(self) -> None:
@@ -764,6 +765,11 @@ def _write(
         "summary": _summary(methods, exp.devices),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    return _save_results(out, results)
+
+
+def _save_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """Write `out/results.json` whole or not at all: a reader never sees half a file."""
     tmp = out / "results.json.part"
     tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
     tmp.replace(out / "results.json")
@@ -841,10 +847,7 @@ def _write_mean(
         "summary_by_seed": {str(s): r["summary"] for s, r in per_seed.items()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    tmp = out / "results.json.part"
-    tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
-    tmp.replace(out / "results.json")
-    return results
+    return _save_results(out, results)
 
 
 # --- the command ---------------------------------------------------------------------------------
