@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import struct
@@ -322,11 +323,23 @@ def test_split_payload_layout() -> None:
         split_payload("m", {}, b"x", chunk_size=MAX_CHUNK + 1)
 
 
+def test_split_payload_takes_a_given_id_and_draws_a_fresh_one_otherwise() -> None:
+    blob = bytes(range(200))
+    given = split_payload("m", {"k": 1}, blob, chunk_size=64, payload_id="fixed-id_1")
+    assert given == split_payload("m", {"k": 1}, blob, chunk_size=64, payload_id="fixed-id_1")
+    assert {_header(c)["payload_id"] for c in given} == {"fixed-id_1"}
+    fresh = [_header(split_payload("m", {}, blob)[0])["payload_id"] for _ in range(2)]
+    assert fresh[0] != fresh[1] and all(len(p) == 32 for p in fresh)
+    for bad in ["", "a/b", "x" * 65, 7]:
+        with pytest.raises(ValueError, match="payload_id"):
+            split_payload("m", {}, blob, payload_id=bad)  # type: ignore[arg-type]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), size=st.integers(0, 3 * 64 + 5))
 def test_reassembly_survives_reordering_and_duplicates(data: st.DataObject, size: int) -> None:
     blob = data.draw(st.binary(min_size=size, max_size=size))
-    chunks = split_payload("model", {"bits": 4}, blob, chunk_size=64)
+    chunks = split_payload("model", {"bits": 4}, blob, chunk_size=64, payload_id="p0")
     order = data.draw(st.permutations(range(len(chunks))))
     extra = data.draw(st.lists(st.sampled_from(range(len(chunks))), max_size=6))
     deliveries = list(order)
@@ -467,7 +480,7 @@ def test_completed_ids_are_remembered_boundedly() -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=512))
 def test_decoders_raise_only_protocol_error(payload: bytes) -> None:
-    for decode in (decode_message, _reassembler().add, unpack_state):
+    for decode in (decode_message, functools.partial(_reassembler().add, now=0.0), unpack_state):
         with contextlib.suppress(ProtocolError):
             decode(payload)
 
@@ -506,7 +519,7 @@ def test_chunk_headers_fuzzed_raise_only_protocol_error(
     header: dict[str, object], data: bytes
 ) -> None:
     with contextlib.suppress(ProtocolError):
-        _reassembler().add(_chunk(header, data))
+        _reassembler().add(_chunk(header, data), now=0.0)
 
 
 # -- broker URLs (no broker needed) --

@@ -66,18 +66,32 @@ def is_chunk(payload: bytes) -> bool:
 
 
 def split_payload(
-    kind: str, meta: Mapping[str, Any], blob: bytes, chunk_size: int = MAX_CHUNK
+    kind: str,
+    meta: Mapping[str, Any],
+    blob: bytes,
+    chunk_size: int = MAX_CHUNK,
+    *,
+    payload_id: str | None = None,
 ) -> list[bytes]:
-    """Cut `blob` into chunk messages carrying `kind` and `meta` (meta is in every chunk)."""
+    """Cut `blob` into chunk messages carrying `kind` and `meta` (meta is in every chunk).
+
+    Each call gets a fresh random `payload_id` (uuid4 hex) unless one is given: pass it to get
+    the same bytes for the same input (property tests replaying an example), and never reuse
+    one for a different blob from the same sender, which a receiver would take for a redelivery.
+    """
     if not isinstance(kind, str) or not 0 < len(kind) <= 64:
         raise ValueError(f"kind must be a string of 1..64 characters, got {kind!r}")
     if not 0 < chunk_size <= MAX_CHUNK:
         raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK}, got {chunk_size}")
+    if payload_id is None:
+        payload_id = uuid.uuid4().hex
+    elif not isinstance(payload_id, str) or _PAYLOAD_ID.fullmatch(payload_id) is None:
+        raise ValueError(f"payload_id must match {_PAYLOAD_ID.pattern}, got {payload_id!r}")
     blob = bytes(blob)
     count = max(1, math.ceil(len(blob) / chunk_size))
     common = {
         "v": SCHEMA_VERSION,
-        "payload_id": uuid.uuid4().hex,
+        "payload_id": payload_id,
         "kind": kind,
         "count": count,
         "size": len(blob),
