@@ -1,4 +1,7 @@
-"""What machine a benchmark ran on: every benchmark states it beside its numbers (DESIGN 10)."""
+"""What machine a benchmark ran on: every benchmark states it beside its numbers.
+
+See docs/architecture.md#benchmarks-and-their-json.
+"""
 
 from __future__ import annotations
 

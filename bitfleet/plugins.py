@@ -1,8 +1,9 @@
 """Pieces one role offers another, found by name through entry points.
 
-Roles never import each other (DESIGN section 1): the coordinator asks for "an exporter named
-plain" here, and whichever installed package registered it under `bitfleet.exporters` answers.
-The CLI finds role subcommands the same way, under `bitfleet.commands`.
+Roles never import each other (docs/architecture.md#the-import-rule): the coordinator asks for "an
+exporter named plain" here, and whichever installed package registered it under
+`bitfleet.exporters` answers. The CLI finds role subcommands the same way, under
+`bitfleet.commands`.
 """
 
 from __future__ import annotations

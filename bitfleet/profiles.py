@@ -1,11 +1,12 @@
 """Device profiles: what each board kind can do, how to recognise it, and how fast it trains.
 
-A profile (`profiles/<name>.toml`, DESIGN section 7) holds the public-spec figures of one board
-kind: cores, clock, memory, integer dot-product support, the bit-widths it runs fast (`deploy_bits`)
-and stores packed (`storage_bits`), its link and its speed relative to a server. The coordinator
-and the simulator plan with these figures; an agent also measures its own machine and step times
-(`measure_machine`, `measure_step_times`), because a board's real memory, clock and QAT cost beat
-any table, and sends both at registration (`profile_summary`): statistics, never data samples.
+A profile (`profiles/<name>.toml`, docs/architecture.md#device-profiles) holds the public-spec
+figures of one board kind: cores, clock, memory, integer dot-product support, the bit-widths it
+runs fast (`deploy_bits`) and stores packed (`storage_bits`), its link and its speed relative to a
+server. The coordinator and the simulator plan with these figures; an agent also measures its own
+machine and step times (`measure_machine`, `measure_step_times`), because a board's real memory,
+clock and QAT cost beat any table, and sends both at registration (`profile_summary`): statistics,
+never data samples.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,7 @@ class DeviceProfile:
     gflops_fp32: float
     """Nominal (peak) fp32 throughput of the CPU, which is what bitfleet trains on."""
     int_dot_product: bool
-    """Arm v8.2 dotprod or x86 VNNI: int8 kernels beat float in onnxruntime (DESIGN 6)."""
+    """Arm v8.2 dotprod or x86 VNNI: int8 kernels beat float in onnxruntime (docs/export.md)."""
     onnxruntime_providers: tuple[str, ...]
     deploy_bits: tuple[int, ...]
     """Bit-widths the board runs on integer kernels."""
@@ -104,6 +106,9 @@ class DeviceProfile:
     link_mbps: float
     relative_speed: float
     """Training speed relative to the x86 server (1.0); the simulator scales host times by it."""
+    budget_bits: int | None = None
+    """A bit budget stated outright (a fleet operator's choice, a simulated device); None: the
+    board's widths decide (`deploy_width`). Never in a shipped profile file."""
     path: str | None = field(default=None, compare=False)
 
     @property
@@ -111,11 +116,46 @@ class DeviceProfile:
         """Deploy for speed (int8 kernels) rather than size (packed weights)."""
         return self.preferred_storage == "int8"
 
+    def deploy_width(self, allowed: Sequence[int] = _BITS) -> int:
+        """The one rule for the bits this board trains its budget at and deploys at, among
+        `allowed` (docs/allocation.md#deploy-width).
+
+        A stated `budget_bits` that `allowed` has wins. Otherwise a storage-bound board
+        (`preferred_storage = "packed"`) takes the lowest of its `storage_bits`, a speed-bound
+        one the lowest of its `deploy_bits`; when none is allowed, the widest allowed width.
+        Memory never binds for these models: 8-bit weights of a ResNet-18 take 11 MB, under 1%
+        of the smallest board's memory.
+        """
+        widths = sorted({int(b) for b in allowed})
+        if not widths or any(b not in _BITS for b in widths):
+            raise ValueError(f"allowed must name integer widths in 2..8, got {list(allowed)}")
+        if self.budget_bits in widths:
+            return int(self.budget_bits)
+        own = self.deploy_bits if self.speed_bound else self.storage_bits
+        fitting = [b for b in widths if b in own]
+        return min(fitting) if fitting else widths[-1]
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (lists, not tuples); the source path stays local."""
+        """JSON-ready (lists, not tuples); the source path stays local, and `budget_bits`
+        appears only where one is stated."""
         data = asdict(self)
         data.pop("path")
+        if data["budget_bits"] is None:
+            data.pop("budget_bits")
         return _lists(data)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "registration") -> DeviceProfile:
+        """A profile sent as `to_dict()` (a board's registration), checked key by key as a
+        profile file is; a `ProfileError` names `source` and the key."""
+        if not isinstance(data, Mapping):
+            raise ProfileError(f"{source}: board must be a table, got {type(data).__name__}")
+        raw = dict(data)
+        budget = raw.pop("budget_bits", None)
+        if budget is not None and (type(budget) is not int or budget not in _BITS):
+            raise ProfileError(f"{source}: key 'budget_bits': expected a width in 2..8")
+        profile = _parse(raw, Path(source), check_name=False)
+        return replace(profile, budget_bits=budget, path=None)
 
 
 @dataclass(frozen=True)
@@ -139,8 +179,13 @@ def _lists(value: Any) -> Any:
 # Finding and reading the files
 
 
+#: The shipped profiles as package data: `bitfleet/board_profiles` is a link to the top-level
+#: `profiles/` folder, so a checkout, an editable install and a wheel all read the same files.
+_PACKAGED_PROFILES = "bitfleet.board_profiles"
+
+
 def profiles_dir(dir: str | Path | None = None) -> Path:
-    """The folder of profile files: `dir`, else $BITFLEET_PROFILES_DIR, else the checkout's own.
+    """The folder of profile files: `dir`, else $BITFLEET_PROFILES_DIR, else the shipped ones.
 
     An explicit choice that does not exist is an error rather than a silent fallback, so a typo
     in a path or in the environment never plans a fleet with the wrong figures.
@@ -156,13 +201,29 @@ def profiles_dir(dir: str | Path | None = None) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"{PROFILES_ENV}={env} is not a directory")
         return path
-    repo = Path(__file__).resolve().parents[1] / "profiles"
-    if repo.is_dir() and any(repo.glob("*.toml")):
-        return repo
+    shipped = _shipped_profiles_dir()
+    if shipped is not None:
+        return shipped
     raise FileNotFoundError(
-        f"no device profiles found: pass a profiles directory, set {PROFILES_ENV}, "
-        f"or run from a bitfleet checkout (looked in {repo})"
+        f"no device profiles found: pass a profiles directory or set {PROFILES_ENV}; the "
+        f"package data {_PACKAGED_PROFILES} is missing or empty (reinstall bitfleet)"
     )
+
+
+def _shipped_profiles_dir() -> Path | None:
+    """The folder holding the package-data profiles, or None when none are installed.
+
+    `bitfleet.board_profiles` is a namespace package (no `__init__.py` among the TOML files),
+    so `files()` may give a `MultiplexedPath`; its entries are plain paths on a file system.
+    """
+    try:
+        root = resources.files(_PACKAGED_PROFILES)
+    except ModuleNotFoundError:
+        return None
+    for entry in root.iterdir():
+        if entry.name.endswith(".toml") and isinstance(entry, Path):
+            return entry.parent.resolve()  # the checkout's profiles/, not the link
+    return None
 
 
 def load_profiles(dir: str | Path | None = None) -> dict[str, DeviceProfile]:
@@ -303,7 +364,7 @@ def _check_table(
     return out
 
 
-def _parse(raw: Mapping[str, Any], path: Path) -> DeviceProfile:
+def _parse(raw: Mapping[str, Any], path: Path, check_name: bool = True) -> DeviceProfile:
     raw = dict(raw)
     detect_raw = raw.pop("detect", None)
     if not isinstance(detect_raw, dict):
@@ -312,7 +373,7 @@ def _parse(raw: Mapping[str, Any], path: Path) -> DeviceProfile:
         )
     values = _check_table(raw, _FIELDS, path, "")
     detect = _check_table(detect_raw, _DETECT_FIELDS, path, "detect.")
-    if values["name"] != path.stem:
+    if check_name and values["name"] != path.stem:
         raise ProfileError(
             f"{path}: key 'name': {values['name']!r} differs from the file name {path.stem!r}"
         )
@@ -509,8 +570,8 @@ def measure_step_times(
 ) -> dict[str, Any]:
     """Median seconds of a float and of a QAT training step of `model_name` on this machine.
 
-    What FedHQ's speed significance needs from each board (DESIGN 4): real `t_fp` and
-    `t_qat` on the job's model and batch size (`time_train_steps`).
+    What FedHQ's speed significance needs from each board (docs/allocation.md#fedhq): real `t_fp`
+    and `t_qat` on the job's model and batch size (`time_train_steps`).
     """
     import torch
 

@@ -1,4 +1,4 @@
-"""Who trains how: FedHQ's hybrid PTQ/QAT allocation and its baselines (DESIGN section 4).
+"""Who trains how: FedHQ's hybrid PTQ/QAT allocation and its baselines (docs/allocation.md#fedhq).
 
 One small class per rule, as Flower has one per aggregation rule: `FixedAllocation` (every
 device the same method: all-QAT/FedAQT, all-PTQ/FedFQ, float FedAvg, FedMPQ), `RandomAllocation`
@@ -27,6 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from bitfleet.board_time import steps_per_round, transfer_seconds
+from bitfleet.registration import DataSummary, Registration
+
 log = logging.getLogger(__name__)
 
 QUANT_IN_FORWARD = frozenset({"qat", "mqat", "apqn", "mpq"})
@@ -35,7 +38,7 @@ QUANT_IN_FORWARD = frozenset({"qat", "mqat", "apqn", "mpq"})
 
 @dataclass(frozen=True)
 class DeviceCost:
-    """One device's round time under each side of the allocation (DESIGN section 4).
+    """One device's round time under each side of the allocation (docs/allocation.md#fedhq).
 
     `T(PTQ) = steps * t_fp + calib + comm`, `T(QAT) = steps * t_qat + comm`, in seconds on the
     board: from the step times it measured on itself, or, where it measured none, from its
@@ -63,44 +66,37 @@ class DeviceCost:
 
 
 def device_cost(
-    device: str,
-    profile: Mapping[str, Any],
-    data: Mapping[str, Any],
+    reg: Registration,
     *,
     local_epochs: float,
     batch_size: int,
     model_bytes: int,
     calib_batches: int,
 ) -> DeviceCost:
-    """A device's `DeviceCost` from its registration (profile and data summary)."""
-    board = profile.get("board", {}) or {}
-    steps_measured = profile.get("step_times") or {}
-    speed = float(board.get("relative_speed") or 1.0)
-    if float(steps_measured.get("t_fp", 0) or 0) > 0:
-        t_fp = float(steps_measured["t_fp"])
-        t_qat = float(steps_measured.get("t_qat") or t_fp * float(profile.get("qat_overhead", 1)))
+    """A device's `DeviceCost` from its registration."""
+    if reg.step_times is not None:
+        t_fp = reg.step_times.t_fp
+        t_qat = reg.step_times.t_qat or t_fp * reg.qat_overhead
     else:
-        t_fp = 1.0 / speed  # relative units: only ratios between devices matter
-        t_qat = t_fp * float(profile.get("qat_overhead") or board.get("qat_overhead") or 1.0)
-    n = int(data.get("n_samples", 0))
-    steps = max(1, round(local_epochs * max(1, math.ceil(n / batch_size))))
-    mbps = float(board.get("link_mbps") or 100.0)
+        t_fp = 1.0 / reg.relative_speed  # relative units: only ratios between devices matter
+        t_qat = t_fp * reg.qat_overhead
+    n = reg.data.n_samples
     return DeviceCost(
-        device=device,
+        device=reg.device_id,
         n_samples=n,
-        steps=steps,
+        steps=steps_per_round(n, batch_size, local_epochs),
         t_fp=t_fp,
         t_qat=t_qat,
         calib_s=calib_batches * t_fp / 3,  # a forward pass is about a third of a step
-        comm_s=2 * model_bytes * 8 / (mbps * 1e6),
+        comm_s=transfer_seconds(model_bytes, reg.link_mbps),
     )
 
 
 def speed_significance(costs: Sequence[DeviceCost], rule: str = "critical") -> dict[str, float]:
     """SigSpeed in [0, 1] per device.
 
-    `critical` (DESIGN 4): `max(0, T_m(QAT) - R_ptq) / (R_qat - R_ptq)`, zero for a device
-    whose QAT round ends inside the all-PTQ round. `simple` (the ablation):
+    `critical` (docs/allocation.md#sigspeed): `max(0, T_m(QAT) - R_ptq) / (R_qat - R_ptq)`,
+    zero for a device whose QAT round ends inside the all-PTQ round. `simple` (the ablation):
     `(T_m(QAT) - T_m(PTQ)) / R_qat`, every device's own slowdown, critical or not.
     """
     if not costs:
@@ -120,7 +116,7 @@ def speed_significance(costs: Sequence[DeviceCost], rule: str = "critical") -> d
     return out
 
 
-def label_distribution(data: Mapping[str, Any], rule: str = "fit") -> np.ndarray:
+def label_distribution(data: DataSummary, rule: str = "fit") -> np.ndarray:
     """The label distribution SigAcc compares: the device's fitted profile or its histogram.
 
     `fit` uses the `label_fit` statistics the device computed (fitting it here from the
@@ -128,24 +124,21 @@ def label_distribution(data: Mapping[str, Any], rule: str = "fit") -> np.ndarray
     """
     from bitfleet.data.label_fit import LabelFit, fit_label_profile
 
-    hist = np.asarray(data.get("label_hist", []), dtype=np.float64)
+    hist = np.asarray(data.label_hist, dtype=np.float64)
     if rule == "raw":
         return hist / hist.sum() if hist.sum() > 0 else np.full(len(hist), 1.0 / max(1, len(hist)))
     if rule != "fit":
         raise ValueError(f"unknown accuracy rule {rule!r}; known: fit, raw")
-    fit = data.get("label_fit")
-    if isinstance(fit, dict):
+    if data.label_fit is not None:
         try:
-            return np.asarray(LabelFit.from_dict(fit).p_fit, dtype=np.float64)
+            return np.asarray(LabelFit.from_dict(data.label_fit).p_fit, dtype=np.float64)
         except ValueError as exc:  # a faulty or hostile device: refit from its histogram
             log.warning("ignored a malformed label_fit: %s", exc)
-    return np.asarray(fit_label_profile([int(c) for c in hist]).p_fit, dtype=np.float64)
+    return np.asarray(fit_label_profile(list(data.label_hist)).p_fit, dtype=np.float64)
 
 
-def accuracy_significance(
-    data: Mapping[str, Mapping[str, Any]], rule: str = "fit"
-) -> dict[str, float]:
-    """SigAcc per device, min-max normalised to [0, 1] (DESIGN 4).
+def accuracy_significance(data: Mapping[str, DataSummary], rule: str = "fit") -> dict[str, float]:
+    """SigAcc per device, min-max normalised to [0, 1] (docs/allocation.md#sigacc).
 
     Raw score `(n_m / max_k n_k) * (1 - JS(p_m, p_global))`, where `p_global` is the
     fleet's label distribution (the sum of the histograms devices reported).
@@ -154,11 +147,11 @@ def accuracy_significance(
 
     if not data:
         return {}
-    total = sum(np.asarray(d.get("label_hist", []), dtype=np.float64) for d in data.values())
+    total = sum(np.asarray(d.label_hist, dtype=np.float64) for d in data.values())
     p_global = total / max(float(np.sum(total)), 1.0)
-    n_max = max(int(d.get("n_samples", 0)) for d in data.values()) or 1
+    n_max = max(d.n_samples for d in data.values()) or 1
     raw = {
-        dev: significance(int(d.get("n_samples", 0)), n_max, label_distribution(d, rule), p_global)
+        dev: significance(d.n_samples, n_max, label_distribution(d, rule), p_global)
         for dev, d in data.items()
     }
     lo, hi = min(raw.values()), max(raw.values())
@@ -181,7 +174,8 @@ def coarse_decisions(
     xi: float,
     a: float,
 ) -> dict[str, Decision]:
-    """The coarse global initialisation: the geometric segmentation of (x, y) (DESIGN 4)."""
+    """The coarse global initialisation: the geometric segmentation of (x, y)
+    (docs/allocation.md#coarse-stage)."""
     out = {}
     for dev, (x, y) in points.items():
         if y - x > xi:
@@ -212,24 +206,29 @@ class Allocation:
 class AllocationInput:
     """What the coordinator knows about the fleet when it allocates."""
 
-    profiles: dict[str, dict[str, Any]]
-    data: dict[str, dict[str, Any]]
+    registrations: dict[str, Registration]
     local_epochs: float
     batch_size: int
     model_bytes: int
 
+    @property
+    def devices(self) -> list[str]:
+        return sorted(self.registrations)
+
+    @property
+    def data(self) -> dict[str, DataSummary]:
+        return {dev: reg.data for dev, reg in self.registrations.items()}
+
     def costs(self, calib_batches: int) -> list[DeviceCost]:
         return [
             device_cost(
-                dev,
-                self.profiles[dev],
-                self.data[dev],
+                self.registrations[dev],
                 local_epochs=self.local_epochs,
                 batch_size=self.batch_size,
                 model_bytes=self.model_bytes,
                 calib_batches=calib_batches,
             )
-            for dev in sorted(self.profiles)
+            for dev in self.devices
         ]
 
 
@@ -254,8 +253,8 @@ class FixedAllocation(AllocationRule):
     def allocate(self, fleet: AllocationInput) -> Allocation:
         s = self.cfg.strategy
         return Allocation(
-            {dev: s for dev in sorted(fleet.profiles)},
-            rules=dict.fromkeys(sorted(fleet.profiles), "fixed"),
+            {dev: s for dev in fleet.devices},
+            rules=dict.fromkeys(fleet.devices, "fixed"),
         )
 
 
@@ -267,14 +266,14 @@ class RandomAllocation(AllocationRule):
 
     def allocate(self, fleet: AllocationInput) -> Allocation:
         out = {}
-        for dev in sorted(fleet.profiles):
+        for dev in fleet.devices:
             draw = random.Random(f"{self.seed}:{dev}").random()
             out[dev] = self.cfg.qat_strategy if draw < self.cfg.p_qat else self.cfg.ptq_strategy
         return Allocation(out, rules=dict.fromkeys(out, "random"))
 
 
 class FedHQAllocation(AllocationRule):
-    """FedHQ's coarse global initialisation (DESIGN 4); see the module docstring."""
+    """FedHQ's coarse global initialisation (docs/allocation.md#fedhq); see the module docstring."""
 
     name = "fedhq"
 

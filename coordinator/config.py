@@ -26,7 +26,8 @@ from bitfleet.models import MODELS
 from bitfleet.quant import FLOAT_BITS, METHODS, STEP_MODES, SUPPORTED_BITS
 from bitfleet.training import OPTIMIZERS
 
-from .strategies import AGGREGATIONS, STRATEGIES
+from .aggregation import AGGREGATIONS
+from .server_optimizers import SERVER_OPTIMIZERS
 from .validation import NORM_MODES
 
 if sys.version_info >= (3, 11):
@@ -59,19 +60,21 @@ __all__ = [
 
 ALLOCATION_MODES = ("fixed", "fedhq", "random")
 """`fixed`: every device gets `strategy` at `bits` (all-QAT, all-PTQ, float FedAvg);
-`fedhq`: DESIGN section 4; `random`: the FedRH baseline (QAT with probability `p_qat`)."""
+`fedhq`: docs/allocation.md#fedhq; `random`: the FedRH baseline (QAT with probability `p_qat`)."""
 
 BITS_SOURCES = ("job", "profile")
 """Where a device's training bits come from: the job's `bits`, or its profile's budget."""
 
 SPEED_RULES = ("critical", "simple")
-"""SigSpeed: lengthening of the critical path (DESIGN 4), or the simpler own-slowdown ablation."""
+"""SigSpeed: lengthening of the critical path (docs/allocation.md#fedhq), or the simpler
+own-slowdown ablation."""
 
 ACC_RULES = ("fit", "raw")
-"""SigAcc from the fitted label profile (DESIGN 4), or from the raw histogram (ablation)."""
+"""SigAcc from the fitted label profile (docs/allocation.md#fedhq), or from the raw histogram
+(ablation)."""
 
 STORAGE_MODES = ("int8", "packed", "auto")
-"""How sub-8-bit weights are stored in exports (DESIGN section 6); `auto`: the profile decides."""
+"""How sub-8-bit weights are stored in exports (docs/export.md); `auto`: the profile decides."""
 
 HASH_EXCLUDED = ("job.state_dir", "data.data_dir", "training.rounds")
 """Left out of `config_hash`: where things live, and how many rounds (so a run can be extended)."""
@@ -199,7 +202,7 @@ class ServerSection:
     or median, unweighted), which must hold every update of the round in memory.
     """
 
-    optimizer: str = _key("fedavg", "str", _one_of(STRATEGIES))
+    optimizer: str = _key("fedavg", "str", _one_of(SERVER_OPTIMIZERS))
     lr: float = _key(1.0, "float", _gt(0))
     momentum: float = _key(0.9, "float", _ge(0), _lt(1))
     beta1: float = _key(0.9, "float", _ge(0), _lt(1))
@@ -231,7 +234,8 @@ class ValidationSection:
 
 @dataclass(frozen=True)
 class AllocationSection:
-    """`[allocation]`: which local method and bit budget each device gets (DESIGN section 4)."""
+    """`[allocation]`: which local method and bit budget each device gets
+    (docs/allocation.md#fedhq)."""
 
     mode: str = _key("fixed", "str", _one_of(ALLOCATION_MODES))
     strategy: str = _key("qat", "str", _one_of(METHODS))
@@ -271,7 +275,9 @@ class DeploySection:
     """`[deploy]`: the bit-widths exported at the end and how their weights are stored."""
 
     bits: tuple[int, ...] = _key((8, 4, 2), "int-list", _bits_list)
-    storage: str = _key("int8", "str", _one_of(STORAGE_MODES))
+    storage: str = _key(
+        "auto", "str", _one_of(STORAGE_MODES), doc="auto: each board's profile decides"
+    )
 
 
 @dataclass(frozen=True)
@@ -398,7 +404,7 @@ def job_config_from_dict(
             values["state_dir"] = base / "runs" / values.get("name", JobSection.name)
         if table == "server" and "lr" not in given:
             optimizer = values.get("optimizer", ServerSection.optimizer)
-            values["lr"] = STRATEGIES[optimizer].default_lr
+            values["lr"] = SERVER_OPTIMIZERS[optimizer].default_lr
         tables[table] = cls(**values)
         if table == "validation" and tables[table].min_history > tables[table].window:
             raise JobConfigError(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from bitfleet.quant import FLOAT_BITS, SUPPORTED_BITS, check_bits
 
@@ -158,24 +157,3 @@ def prune_grow(
                 break
     return {n: bits[n] for n in sizes}
 
-
-def device_budget(profile: Mapping[str, Any], allowed: Sequence[int] = SUPPORTED_BITS) -> int:
-    """A device's average bit budget for `mpq`, from its profile (DESIGN sections 4 and 7).
-
-    `profile` is a board's profile (`DeviceProfile.to_dict()`) or a registration summary
-    holding it under "board". As `Coordinator.device_bits` decides the deploy width: a
-    storage-bound board (`preferred_storage = "packed"`) gets the lowest of its
-    `storage_bits` among `allowed`, others the lowest of their `deploy_bits`; when none
-    fits, the widest allowed width. Memory (`memory_gib`) never binds for these models:
-    8-bit weights of a ResNet-18 take 11 MB, under 1% of the smallest board's memory.
-    A profile may state its budget outright (`budget_bits`, e.g. a fleet operator's choice
-    or a simulated device); it is then used as it is, if `allowed` has it.
-    """
-    widths = _check_allowed(allowed)
-    board = profile.get("board", profile)
-    stated = board.get("budget_bits")
-    if isinstance(stated, int) and not isinstance(stated, bool) and stated in widths:
-        return stated
-    key = "storage_bits" if board.get("preferred_storage") == "packed" else "deploy_bits"
-    fitting = [b for b in widths if b in set(board.get(key, []))]
-    return min(fitting) if fitting else widths[-1]

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .strategies import CheckedUpdate, Layout, UpdateError
+from .aggregation import CheckedUpdate, Layout, UpdateError
 
 __all__ = [
     "NORM_MODES",

@@ -24,10 +24,12 @@ from typing import Any, TypeVar
 
 import torch
 
-from bitfleet.data import DATASET_SPECS, ImageData, label_histogram, load_dataset, partition
-from bitfleet.data.label_fit import fit_label_profile
+from bitfleet.assignment import Assignment
+from bitfleet.board_time import steps_per_round
+from bitfleet.data import DATASET_SPECS, ImageData, load_dataset, partition
 from bitfleet.models import create_model_for
 from bitfleet.profiles import (
+    DeviceProfile,
     detect_board,
     load_profile,
     measure_machine,
@@ -49,7 +51,7 @@ from bitfleet.protocol import (
     validate_device_id,
     validate_message,
 )
-from bitfleet.quant.assignment import describe_assignment, method_for_assignment
+from bitfleet.registration import DataSummary
 from bitfleet.training import train
 
 log = logging.getLogger(__name__)
@@ -173,7 +175,8 @@ class EdgeAgent:
         self.reassembler = Reassembler(
             max_bytes=MAX_DOWNLOAD_BYTES, max_chunks=MAX_DOWNLOAD_BYTES // 2**20 + 1, timeout_s=600
         )
-        self.assignment: dict | None = None
+        self.assignment: Assignment | None = None
+        self.job: dict[str, Any] | None = None
         self.done = threading.Event()
         self.models: list[Path] = []
         self.transport: Any = None
@@ -205,7 +208,7 @@ class EdgeAgent:
         body = {
             "device_id": self.device_id,
             "profile": self.profile,
-            "data": self.data_summary,
+            "data": self.data_summary.to_dict(),
             "sent_at": time.time(),
         }
         self.transport.publish(
@@ -222,7 +225,7 @@ class EdgeAgent:
                 log.debug("ignored %s: not for %s", topic, self.device_id)
                 return
             if kind == "assign":
-                self.assignment = decode_message(payload, "assign")
+                self._take_assignment(decode_message(payload, "assign"))
             elif kind in ("task", "model"):
                 done = self.reassembler.add(payload, source=kind)
                 if done is not None:
@@ -242,21 +245,15 @@ class EdgeAgent:
             torch.set_num_threads(self.opts.threads)
         self.x, self.y = self._given_data or load_local_data(self.opts)
         spec = DATASET_SPECS[self.opts.dataset]
-        counts = label_histogram(self.y.numpy(), range(len(self.y)), spec.num_classes)
-        hist = [int(c) for c in counts]
         # Only statistics leave the board: the histogram and its fitted rank-frequency profile
-        # (FedHQ's accuracy significance, DESIGN 4), never samples.
-        self.data_summary = {
-            "n_samples": len(self.y),
-            "label_hist": hist,
-            "label_fit": fit_label_profile(hist).to_dict(),
-        }
+        # (FedHQ's accuracy significance, docs/allocation.md#sigacc), never samples.
+        self.data_summary = DataSummary.of_labels(self.y.numpy(), spec.num_classes)
         self.profile = self._given_profile or self._profile()
+        self.board = DeviceProfile.from_dict(self.profile["board"], source="this agent's profile")
         # A board named with --profile that is not the machine this runs on (the demo's
         # virtual boards): its times are scaled to that board. On the board itself, or with
         # --profile auto, the measured time is the board's time.
-        named = self.profile.get("board", {}).get("name")
-        self.emulated = self.opts.profile != "auto" and detect_board().name != named
+        self.emulated = self.opts.profile != "auto" and detect_board().name != self.board.name
         offline = encode_message("status", {"device_id": self.device_id, "online": False})
         self.transport = self._connect(
             client_id=f"bitfleet-agent-{self.opts.fleet}-{self.device_id}",
@@ -291,6 +288,11 @@ class EdgeAgent:
     def stop(self) -> None:
         self.done.set()
 
+    def _take_assignment(self, msg: dict[str, Any]) -> None:
+        """Keep a validated `assign` message: the typed assignment and the job's settings."""
+        self.assignment = Assignment.from_message(msg)
+        self.job = msg["job"]
+
     def _train(self, task: dict, blob: bytes) -> None:
         key = hashlib.sha256(json.dumps(task, sort_keys=True).encode() + blob).hexdigest()
         if self._answered is not None and self._answered[0] == key:
@@ -299,16 +301,16 @@ class EdgeAgent:
             return
         if isinstance(task.get("assignment"), dict):
             # The task says what this round trains; it may differ from the first assignment.
-            self.assignment = validate_message(
-                {"v": task["v"], "type": "assign", **task["assignment"]}, "assign"
+            self._take_assignment(
+                validate_message({"v": task["v"], "type": "assign", **task["assignment"]}, "assign")
             )
-        if self.assignment is None:
+        if self.assignment is None or self.job is None:
             log.warning("task for round %s before any assignment; skipped", task["round"])
             return
-        job = self.assignment["job"]
+        job = self.job
         spec = DATASET_SPECS[job["dataset"]]
         model = create_model_for(job["model"], spec)
-        method = method_for_assignment(self.assignment)
+        method = self.assignment.method()
         method.prepare(model)
         model.load_state_dict(unpack_state(blob))
         epochs = float(task["local_epochs"])
@@ -348,25 +350,24 @@ class EdgeAgent:
         )
         self._answered = (key, chunks)
         self.transport.publish_many(self.topics.update(self.device_id), chunks)
-        name = describe_assignment(self.assignment)
+        name = self.assignment.describe()
         (log.info if self.opts.quiet else _say)(
             f"[{self.device_id}] round {task['round']}: {name}, {len(self.y)} samples, "
             f"loss {loss:.3f}, {seconds:.1f} s"
         )
 
     def _board_seconds(self, seconds: float, strategy: str, epochs: float, batch: int) -> float:
-        """This round's training time on the board the agent stands for (DESIGN 5).
+        """This round's training time on the board the agent stands for
+        (docs/simulation.md#the-board-clock).
 
         A real board reports what it measured; a virtual one (a simulator's clock, or a
         profile named with `--profile` on another machine) scales to the board's speed.
         """
         if self.clock is not None:
-            steps = max(1, round(epochs * max(1, -(-len(self.y) // batch))))
-            return self.clock(strategy, steps)
+            return self.clock(strategy, steps_per_round(len(self.y), batch, epochs))
         if not self.emulated:
             return seconds
-        speed = float(self.profile.get("board", {}).get("relative_speed") or 1.0)
-        return seconds / speed
+        return seconds / self.board.relative_speed
 
     def _store_model(self, meta: dict, blob: bytes) -> None:
         out = Path(self.opts.out_dir)
@@ -406,7 +407,7 @@ def virtual_agent(
         device_id=device_id,
         dataset=dataset,
         model=model,
-        profile=str(profile.get("board", {}).get("name", "virtual")),
+        profile=str(profile["board"]["name"]),
         fleet=fleet,
         measure_steps=False,
         quiet=True,

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from bitfleet.assignment import Assignment
 from bitfleet.data import DATASET_SPECS, load_dataset
 from bitfleet.models import create_model_for
 from bitfleet.profiles import DeviceProfile, load_profile
-from bitfleet.quant import check_bits, make_method, set_bits
+from bitfleet.quant import check_bits, set_bits
 
 from .api import ExportResult, export_model
 
@@ -37,10 +38,9 @@ def read_state(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def device_defaults(board: DeviceProfile) -> tuple[int, str]:
-    """(bits, storage) a board wants: speed-bound boards int8 kernels, storage-bound packed."""
-    if board.preferred_storage == "packed":
-        return min(board.storage_bits), "packed"
-    return min(board.deploy_bits), "int8"
+    """(bits, storage) a board wants: its deploy width (`DeviceProfile.deploy_width`, the one
+    rule the coordinator uses too) in the storage its profile prefers."""
+    return board.deploy_width(), board.preferred_storage
 
 
 @dataclass
@@ -104,8 +104,7 @@ def load_for_export(
     acts = (activations or ("8" if storage == "int8" else "float")) == "8"
     spec = DATASET_SPECS[dataset]
     model = create_model_for(model_name, spec)
-    options = {"bits": bits} if strategy in ("qat", "apqn") else {}
-    method = make_method(strategy, **options)
+    method = Assignment(strategy, bits).method()
     method.prepare(model)
     state = read_state(Path(checkpoint))
     try:

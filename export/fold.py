@@ -1,5 +1,5 @@
 """From a quantization-aware model to what the ONNX graph holds: a float skeleton plus, per
-layer, the integers and per-channel scales of DESIGN section 3.
+layer, the integers and per-channel scales of docs/quantizer.md.
 
 BatchNorm after a convolution is folded into it here. With per-output-channel weight scales the
 fold only rescales each channel's step (s_c * gamma_c / sqrt(var_c + eps)), so the integers are

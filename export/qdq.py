@@ -1,6 +1,6 @@
 """Writing quantized ONNX graphs: weights from the quantizer's integers, activations in QDQ.
 
-torch's exporters cannot write b-bit fake-quant (DESIGN section 6), so the float graph is
+torch's exporters cannot write b-bit fake-quant (docs/export.md), so the float graph is
 exported and rewritten with the `onnx` package: every quantized weight becomes an integer
 initializer (int8, or packed INT4 / INT2) behind a per-channel DequantizeLinear, and, where
 the layer runs on integer kernels, its input and output activations pass through uint8

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up bitfleet on a Debian machine: system packages, a virtual environment in .venv, and
-# the package with its test extra. Safe to run again: it only adds what is missing.
+# the package with every extra and the test one. Safe to run again: it only adds what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,5 +22,5 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[all,test]'
 echo "bitfleet installed in .venv: $(.venv/bin/bitfleet --version)"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bitfleet.broker import find_mosquitto
+from fleet.broker import find_mosquitto
 
 #: Big enough for a 1 MiB chunk plus its header; bigger single messages are a bug to catch.
 BROKER_MAX_PACKET = 2 * 1024 * 1024
@@ -119,7 +119,7 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 class SecureMosquitto(Mosquitto):
-    """Mosquitto started with the config `coordinator.provision` wrote, on a free port.
+    """Mosquitto started with the config `fleet.provision` wrote, on a free port.
 
     `fleet` holds the accounts: `fleet.url(device_id)`, `fleet.coordinator_url`, `fleet.ca_file`.
     Listens on 127.0.0.1 only; clients may use `localhost` or `127.0.0.1`, both are in the
@@ -127,7 +127,7 @@ class SecureMosquitto(Mosquitto):
     """
 
     def __init__(self, binary: str, directory: Path, devices: int = 3) -> None:
-        from coordinator.provision import provision
+        from fleet.provision import provision
 
         self.binary = binary
         self.port = _free_port()

@@ -1,4 +1,4 @@
-"""FedHQ allocation and its baselines: the properties DESIGN section 4 asks of them."""
+"""FedHQ allocation and its baselines: the properties docs/allocation.md states."""
 
 from __future__ import annotations
 
@@ -19,24 +19,20 @@ from coordinator.allocation import (
     speed_significance,
 )
 from coordinator.config import job_config_from_dict
+from tests.fleet_values import registration
 
 
 def _cfg(**allocation: object):
     return job_config_from_dict({"allocation": {"mode": "fedhq", **allocation}}).allocation
 
 
-def _device(speed: float, n: int, hist: list[int], overhead: float = 1.4) -> tuple[dict, dict]:
-    profile = {
-        "board": {"relative_speed": speed, "link_mbps": 100.0, "qat_overhead": overhead},
-        "step_times": {"t_fp": 0.005 / speed, "t_qat": 0.005 / speed * overhead},
-    }
-    return profile, {"n_samples": n, "label_hist": hist}
+def _device(speed: float, n: int, hist: list[int], overhead: float = 1.4) -> dict:
+    return {"speed": speed, "n": n, "hist": hist, "overhead": overhead}
 
 
-def _fleet(devices: dict[str, tuple[dict, dict]]) -> AllocationInput:
+def _fleet(devices: dict[str, dict]) -> AllocationInput:
     return AllocationInput(
-        profiles={d: p for d, (p, _) in devices.items()},
-        data={d: x for d, (_, x) in devices.items()},
+        registrations={d: registration(d, **figures) for d, figures in devices.items()},
         local_epochs=1.0,
         batch_size=64,
         model_bytes=250_000,
@@ -84,7 +80,7 @@ def test_xi_one_sends_every_device_to_the_band() -> None:
     assert set(band.rules.values()) <= {"unimportant", "ambiguous_fits", "ambiguous_slow"}
     every = FedHQAllocation(_cfg(xi=1.0, a=0.0)).allocate(fleet)
     assert all(rule.startswith("ambiguous") for rule in every.rules.values())
-    assert sorted(every.ambiguous) == sorted(fleet.profiles)
+    assert sorted(every.ambiguous) == fleet.devices
     # The ambiguous rule itself: QAT exactly where the QAT round fits in the all-PTQ round.
     costs = {c.device: c for c in fleet.costs(8)}
     r_ptq = max(c.ptq_round for c in costs.values())
@@ -136,7 +132,9 @@ def test_random_hybrid_draws_about_half_and_keeps_each_devices_draw() -> None:
     alloc = make_allocation_rule(_cfg(mode="random", p_qat=0.5), seed=0).allocate(fleet)
     share = sum(s == "qat" for s in alloc.strategies.values()) / 400
     assert 0.4 < share < 0.6
-    fewer = _fleet({d: (fleet.profiles[d], fleet.data[d]) for d in list(fleet.profiles)[:50]})
+    fewer = AllocationInput(
+        {d: fleet.registrations[d] for d in fleet.devices[:50]}, 1.0, 64, 250_000
+    )
     sub = make_allocation_rule(_cfg(mode="random", p_qat=0.5), seed=0).allocate(fewer)
     assert all(alloc.strategies[d] == s for d, s in sub.strategies.items())
 
@@ -164,11 +162,8 @@ def test_speed_significance_rules() -> None:
 
 
 def test_device_cost_falls_back_to_the_profile_without_step_times() -> None:
-    profile = {"board": {"relative_speed": 0.1, "link_mbps": 40.0, "qat_overhead": 1.5}}
-    c = device_cost(
-        "d", profile, {"n_samples": 640}, local_epochs=1, batch_size=64, model_bytes=10**6,
-        calib_batches=0,
-    )  # fmt: skip
+    reg = registration("d", speed=0.1, n=640, overhead=1.5, link_mbps=40.0, measured=False)
+    c = device_cost(reg, local_epochs=1, batch_size=64, model_bytes=10**6, calib_batches=0)
     assert c.steps == 10
     assert c.t_qat / c.t_fp == pytest.approx(1.5)
     assert c.comm_s == pytest.approx(2 * 8e6 / 40e6)
@@ -207,21 +202,29 @@ def test_allocation_config_is_checked() -> None:
 
 
 def test_an_assignment_builds_the_method_the_device_trains() -> None:
+    from bitfleet.assignment import Assignment
+    from bitfleet.protocol import ProtocolError
     from bitfleet.quant import MPQ, MQAT, PTQ, QAT
-    from bitfleet.quant.assignment import describe_assignment, method_for_assignment
 
-    qat = method_for_assignment({"strategy": "qat", "bits": 2, "step": "learned"})
+    def read(body: dict) -> Assignment:
+        return Assignment.from_message(body)
+
+    qat = read({"strategy": "qat", "bits": 2, "step": "learned"}).method()
     assert isinstance(qat, QAT) and qat.bits == 2 and qat.step == "learned"
-    mqat = method_for_assignment({"strategy": "mqat", "bits": 2, "bit_set": [2, 4, 8]})
+    mqat = read({"strategy": "mqat", "bits": 2, "bit_set": [2, 4, 8]}).method()
     assert isinstance(mqat, MQAT) and tuple(mqat.bit_set) == (2, 4, 8)
     layers = {"conv1": 8, "fc1": 2}
-    mpq = method_for_assignment({"strategy": "mpq", "bits": 2, "per_layer_bits": layers})
-    assert isinstance(mpq, MPQ) and dict(mpq.layer_bits) == layers
-    ptq = method_for_assignment({"strategy": "ptq", "bits": 2, "future_field": 1})
-    assert isinstance(ptq, PTQ)
-    assert describe_assignment({"strategy": "mqat", "bits": 2, "bit_set": [2, 4]}) == "mqat {2,4}"
+    mpq = read({"strategy": "mpq", "bits": 2, "per_layer_bits": layers, "lasso": 0.5}).method()
+    assert isinstance(mpq, MPQ) and dict(mpq.layer_bits) == layers and mpq.lasso == 0.5
+    assert isinstance(read({"strategy": "ptq", "bits": 2, "future_field": 1}).method(), PTQ)
+    assert read({"strategy": "mqat", "bits": 2, "bit_set": [2, 4]}).describe() == "mqat {2,4}"
+    # The message round trip keeps every field, the deploy width included.
+    full = Assignment("mpq", 4, per_layer_bits=layers, lasso=0.1, deploy_bits=4)
+    assert read(full.to_message()) == full
     with pytest.raises(ValueError, match="unknown local method"):
-        method_for_assignment({"strategy": "magic", "bits": 2})
+        read({"strategy": "magic", "bits": 2}).method()
+    with pytest.raises(ProtocolError, match="malformed"):
+        read({"strategy": "qat", "bits": "two"})
 
 
 def test_a_registration_allocation_cannot_use_is_dropped_with_a_reason(tmp_path) -> None:
@@ -248,9 +251,9 @@ def test_a_registration_allocation_cannot_use_is_dropped_with_a_reason(tmp_path)
             "data": {"n_samples": sum(hist), "label_hist": hist},
             "sent_at": 0.0,
         }
-        coordinator._on_message(topics.register(device), encode_message("register", body))
+        coordinator.intake.on_message(topics.register(device), encode_message("register", body))
 
-    good = {"name": "rpi4", "relative_speed": 0.1, "link_mbps": 40.0, "qat_overhead": 1.4}
+    good = registration("x", speed=0.1, link_mbps=40.0).board.to_dict()
     register("cifar100-board", [1] * 100, good)  # another data set's classes
     register("bad-board", [5] * 10, "rpi4")  # not a board table
     register("slow-board", [5] * 10, {**good, "relative_speed": 0})

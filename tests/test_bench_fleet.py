@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bitfleet.cli.main import build_parser
-from coordinator.bench_fleet import format_table, run_fleet_bench
+from fleet.bench_fleet import format_table, run_fleet_bench
 from tests.conftest import require_mosquitto
 
 KEYS = {

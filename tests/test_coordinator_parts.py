@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from coordinator.aggregation import RunningMean
 from coordinator.checkpoint import (
     LATEST,
     CheckpointError,
@@ -26,15 +27,14 @@ from coordinator.config import (
     job_config_from_dict,
     load_job_config,
 )
-from coordinator.state import StateStore
-from coordinator.strategies import (
-    STRATEGIES,
+from coordinator.server_optimizers import (
+    SERVER_OPTIMIZERS,
     FedAdam,
     FedAvg,
     FedAvgM,
-    RunningMean,
-    make_strategy,
+    make_server_optimizer,
 )
+from coordinator.state import StateStore
 from tests.read_only import make_read_only
 
 FAST = settings(max_examples=40, deadline=None)
@@ -94,7 +94,7 @@ def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:
     )
     a = cfg.allocation
     assert (a.mode, a.strategy, a.bits) == ("fixed", "qat", 4)
-    assert cfg.deploy.bits == (8, 4, 2) and cfg.deploy.storage == "int8"
+    assert cfg.deploy.bits == (8, 4, 2) and cfg.deploy.storage == "auto"
 
 
 def test_example_file_loads_and_matches_the_defaults() -> None:
@@ -114,7 +114,7 @@ def test_relative_paths_resolve_against_the_job_file(tmp_path: Path) -> None:
 
 def test_server_lr_defaults_per_optimizer(tmp_path: Path) -> None:
     adam = job_config_from_dict({"server": {"optimizer": "fedadam"}})
-    assert adam.server.lr == STRATEGIES["fedadam"].default_lr == 1e-2
+    assert adam.server.lr == SERVER_OPTIMIZERS["fedadam"].default_lr == 1e-2
     given_lr = job_config_from_dict({"server": {"optimizer": "fedadam", "lr": 0.5}})
     assert given_lr.server.lr == 0.5
 
@@ -396,11 +396,12 @@ def test_strategies_reject_mismatched_means_and_bad_hyperparameters() -> None:
         FedAdam(lr=0)
 
 
-def test_make_strategy_from_the_server_table() -> None:
-    assert isinstance(make_strategy(job_config_from_dict({}).server), FedAvg)
-    m = make_strategy(job_config_from_dict({"server": {"optimizer": "fedavgm", "lr": 0.5}}).server)
+def test_make_server_optimizer_from_the_server_table() -> None:
+    assert isinstance(make_server_optimizer(job_config_from_dict({}).server), FedAvg)
+    fedavgm = job_config_from_dict({"server": {"optimizer": "fedavgm", "lr": 0.5}})
+    m = make_server_optimizer(fedavgm.server)
     assert isinstance(m, FedAvgM) and (m.lr, m.momentum) == (0.5, 0.9)
-    a = make_strategy(
+    a = make_server_optimizer(
         job_config_from_dict({"server": {"optimizer": "fedadam", "eps": 1e-4}}).server
     )
     assert isinstance(a, FedAdam) and (a.lr, a.beta1, a.beta2, a.eps) == (1e-2, 0.9, 0.99, 1e-4)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coordinator.provision import load_provisioned
+from fleet.provision import load_provisioned
 from tests.conftest import require_mosquitto
 from tests.tiny_fmnist import make_tiny_fmnist
 

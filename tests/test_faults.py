@@ -324,7 +324,7 @@ def test_agent_killed_mid_upload(mosquitto, tiny_data, tmp_path: Path) -> None:
             coordinator = Coordinator(
                 job_config_from_dict(cfg, source="test"), mosquitto.url, on_round=on_round
             )
-            reports = coordinator.run()
+            reports = coordinator.run().reports
         assert a2[1].wait(timeout=60) == 0  # the restarted a2 got its model
         assert [t.wait(timeout=60) for t in others] == [0, 0]
     finally:
@@ -338,7 +338,7 @@ def test_agent_killed_mid_upload(mosquitto, tiny_data, tmp_path: Path) -> None:
     expected = {k: (round0["a0"][k] + round0["a1"][k]) / 2 for k in round0["a0"]}  # 200 each
     got = checkpoint_model(tmp_path / "state", 0)
     assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
-    assert coordinator.reassembler.pending == 0
+    assert coordinator.intake.reassembler.pending == 0
     assert reports[1].received == ["a0", "a1", "a2"]  # a2 rejoined
     assert_consistent(tmp_path / "state", received=[2, 3])
 
@@ -378,7 +378,7 @@ def test_broker_restarted_mid_round(mosquitto, tiny_data, tmp_path: Path) -> Non
     guard.start()
     try:
         with watching(mosquitto.url, [topics.all("task")], on_task):
-            reports = coordinator.run()
+            reports = coordinator.run().reports
         restarter.join(timeout=10)
         assert not restarter.is_alive() and all_tasked.is_set()
         assert [r.received for r in reports] == [["a0", "a1", "a2"]] * 2
@@ -390,16 +390,28 @@ def test_broker_restarted_mid_round(mosquitto, tiny_data, tmp_path: Path) -> Non
     assert_consistent(tmp_path / "state", received=[3, 3])
 
 
+RESUMED_ALLOCATIONS = {
+    "fixed_qat": {"mode": "fixed", "strategy": "qat"},
+    "fedhq": {"mode": "fedhq"},
+    # A 4-bit budget pruned from 8 bits: each round's aggregate revises the layer bits.
+    "mpq": {"mode": "fixed", "strategy": "mpq", "bits": 4, "mpq_lasso": 0.01},
+}
+
+
+@pytest.mark.parametrize("allocation", list(RESUMED_ALLOCATIONS))
 def test_coordinator_killed_and_restarted_matches_an_uninterrupted_run(
-    mosquitto, other_mosquitto, tiny_data, tmp_path: Path
+    allocation: str, mosquitto, other_mosquitto, tiny_data, tmp_path: Path
 ) -> None:
     """Two jobs with the same seed and boards run side by side, each on its own broker: `ref`
     without a fault; in `kill`, the coordinator (`bitfleet coordinator serve`) is SIGKILLed
     as the first update of round 1 reaches the broker, and started again. It resumes after
-    round 0's checkpoint and ends with `ref`'s model; its SQLite state is intact: round 1's
-    half-counted updates were rolled back, every round counted once per device."""
+    round 0's checkpoint and ends with `ref`'s model and `ref`'s assignments (FedMPQ's layer
+    bits included); its SQLite state is intact: round 1's half-counted updates were rolled
+    back, every round counted once per device."""
     kill_cfg = job(tmp_path / "kill", fleet="kill", rounds=3)
     ref_cfg = job(tmp_path / "ref", fleet="ref", rounds=3)
+    for cfg in (kill_cfg, ref_cfg):
+        cfg["allocation"] = dict(RESUMED_ALLOCATIONS[allocation])
     agents = agent_threads(mosquitto.url, 3, tmp_path, fleet="kill")
     agents += agent_threads(other_mosquitto.url, 3, tmp_path, fleet="ref")
     cmd = serve(kill_cfg, mosquitto.url, tmp_path)
@@ -419,7 +431,7 @@ def test_coordinator_killed_and_restarted_matches_an_uninterrupted_run(
     try:
         with watching(mosquitto.url, [Topics(fleet="kill").all("update")], on_update):
             ref = Coordinator(job_config_from_dict(ref_cfg, source="test"), other_mosquitto.url)
-            ref.run()
+            ref_result = ref.run()
             assert killed.wait(120)
         out, err = coordinators[1].communicate(timeout=180)
         assert coordinators[1].returncode == 0, out + err
@@ -430,12 +442,20 @@ def test_coordinator_killed_and_restarted_matches_an_uninterrupted_run(
     assert "round 1/3" not in out and "round 3/3" in out
     found = load_latest_checkpoint(tmp_path / "kill")
     assert found is not None and found[0] == 2
-    resumed, reference = found[1], ref.global_state
+    resumed, reference = found[1], ref_result.global_state
     assert resumed.keys() == reference.keys()
     for name, tensor in reference.items():
         assert torch.allclose(resumed[name], tensor, rtol=1e-5, atol=1e-6), name
     assert_consistent(tmp_path / "kill", received=[3, 3, 3])
     assert_consistent(tmp_path / "ref", received=[3, 3, 3])
+    with StateStore(tmp_path / "kill" / "state.sqlite") as store:
+        kept = {d: (a.strategy, a.bits, a.per_layer_bits) for d, a in store.assignments().items()}
+    want = {
+        d: (a.strategy, a.bits, a.per_layer_bits) for d, a in ref_result.assignments.items()
+    }
+    assert kept == want
+    if allocation == "mpq":  # FedMPQ's per-layer bits are part of what survives
+        assert all(layers for _, _, layers in kept.values())
 
 
 def block_checkpoints(state_dir: Path) -> Callable[[], None]:

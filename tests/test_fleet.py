@@ -88,7 +88,7 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
 def run_coordinator(cfg_dict: dict, url: str, **kwargs: object) -> tuple[Coordinator, list]:
     cfg = job_config_from_dict(cfg_dict, source="test")
     coordinator = Coordinator(cfg, url, **kwargs)  # type: ignore[arg-type]
-    return coordinator, coordinator.run()
+    return coordinator, coordinator.run().reports
 
 
 def test_two_round_federation_with_three_agents(mosquitto, tiny_data, tmp_path: Path) -> None:

@@ -6,13 +6,12 @@ import itertools
 import math
 import random
 from collections.abc import Iterator
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bitfleet.models import create_model
-from bitfleet.profiles import load_profiles, profile_summary
+from bitfleet.profiles import load_profiles
 from bitfleet.quant import (
     MPQ,
     bit_planes,
@@ -26,8 +25,7 @@ from bitfleet.quant import (
     quantize_to_int,
 )
 from bitfleet.training import evaluate, train
-from coordinator.mpq import device_budget, prune_grow
-from coordinator.server import Coordinator
+from coordinator.mpq import prune_grow
 
 
 def blobs(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,14 +262,41 @@ def test_prune_grow_is_deterministic_and_rejects_unreachable_budgets() -> None:
         prune_grow({}, LENET, 4, allowed=(4, 8), start=dict.fromkeys(LENET, 6))
 
 
-def test_device_budget_follows_the_coordinators_deploy_width() -> None:
+# Each shipped board's deploy width among the job's widths, from its profile file: the packed
+# boards (Pi 4, Jetson Nano) store [8, 4, 2], the others run [8] on integer kernels.
+DEPLOY_WIDTHS = [
+    ((2, 3, 4, 5, 6, 7, 8), {"rpi4": 2, "jetson-nano": 2, "rpi5": 8, "jetson-orin-nano": 8}),
+    ((8, 4, 2), {"rpi4": 2, "jetson-nano": 2, "rpi5": 8, "x86-server": 8}),
+    ((4, 8), {"rpi4": 4, "jetson-nano": 4, "rpi5": 8}),
+    ((3, 5), {"rpi4": 5, "jetson-nano": 5, "rpi5": 5, "x86-server": 5}),  # none fits: widest
+]
+
+
+@pytest.mark.parametrize(("allowed", "expected"), DEPLOY_WIDTHS)
+def test_one_rule_gives_each_board_its_deploy_width(allowed, expected) -> None:
+    from dataclasses import replace
+
+    from coordinator.assigner import deploy_bits, training_bits
+    from coordinator.config import job_config_from_dict
+    from export.checkpoint_model import device_defaults
+    from tests.fleet_values import registration
+
     profiles = load_profiles()
-    assert device_budget(profiles["jetson-nano"].to_dict()) == 2  # packed: lowest storable
-    assert device_budget(profiles["jetson-orin-nano"].to_dict()) == 8  # int8 kernels
-    for allowed in [(2, 3, 4, 5, 6, 7, 8), (4, 8), (3, 5)]:
-        coordinator = SimpleNamespace(cfg=SimpleNamespace(deploy=SimpleNamespace(bits=allowed)))
-        for board in profiles.values():
-            summary = profile_summary(board, {}, None)
-            expected = Coordinator.device_bits(coordinator, summary)  # type: ignore[arg-type]
-            assert device_budget(summary, allowed) == expected, (board.name, allowed)
-            assert device_budget(board.to_dict(), allowed) == expected
+    for name, bits in expected.items():
+        assert profiles[name].deploy_width(allowed) == bits, (name, allowed)
+    for board in profiles.values():
+        width = board.deploy_width(allowed)
+        fitting = set(board.deploy_bits if board.speed_bound else board.storage_bits) & set(allowed)
+        assert width == (min(fitting) if fitting else max(allowed)), (board.name, allowed)
+        # A stated budget wins where the job allows it, and only there.
+        assert replace(board, budget_bits=min(allowed)).deploy_width(allowed) == min(allowed)
+        assert replace(board, budget_bits=7).deploy_width((4, 8)) == board.deploy_width((4, 8))
+        # The exporter's default and the coordinator's choice are that same rule.
+        assert device_defaults(board) == (board.deploy_width(), board.preferred_storage)
+        reg = replace(registration(board.name, board=board.name), board=board)
+        job = job_config_from_dict({"deploy": {"bits": list(allowed)}})
+        assert deploy_bits(job, reg) == width
+        budgets = job_config_from_dict({"allocation": {"bits_from": "profile"}})
+        assert deploy_bits(budgets, reg) == training_bits(budgets, reg) == board.deploy_width()
+    with pytest.raises(ValueError, match="2..8"):
+        profiles["rpi4"].deploy_width((1, 32))

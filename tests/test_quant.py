@@ -1,4 +1,4 @@
-"""Properties of the quantizer (DESIGN section 3), checked with hypothesis."""
+"""Properties of the quantizer (docs/quantizer.md), checked with hypothesis."""
 
 from __future__ import annotations
 
@@ -167,18 +167,22 @@ def test_rescaled_step_is_used_for_bit_widths_without_their_own() -> None:
 @st.composite
 def small_models(draw: st.DrawFn) -> tuple[nn.Module, torch.Tensor]:
     seed = draw(st.integers(0, 2**31 - 1))
-    torch.manual_seed(seed)
     c1, c2, hidden = draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 16))
-    model = nn.Sequential(
-        nn.Conv2d(c1, c2, 3, padding=1, bias=draw(st.booleans())),
-        nn.ReLU(),
-        nn.Conv2d(c2, c2, 1, groups=c2),
-        nn.Flatten(),
-        nn.Linear(c2 * 16, hidden),
-        nn.Tanh(),
-        nn.Linear(hidden, 3),
-    )
-    return model, torch.randn(2, c1, 4, 4)
+    bias = draw(st.booleans())
+    # Layers initialise from torch's global generator: seed it from the example, and restore it
+    # afterwards so that tests run later do not see a state left by whichever example ran last.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(c1, c2, 3, padding=1, bias=bias),
+            nn.ReLU(),
+            nn.Conv2d(c2, c2, 1, groups=c2),
+            nn.Flatten(),
+            nn.Linear(c2 * 16, hidden),
+            nn.Tanh(),
+            nn.Linear(hidden, 3),
+        )
+        return model, torch.randn(2, c1, 4, 4)
 
 
 @settings(max_examples=40, deadline=None)

@@ -31,7 +31,7 @@ from cryptography import x509
 
 from bitfleet.cli.main import main
 from bitfleet.protocol import MAX_CHUNK, MqttTransport, Topics, split_payload
-from coordinator.provision import (
+from fleet.provision import (
     COORDINATOR_USER,
     load_provisioned,
     mosquitto_password_hash,
@@ -392,7 +392,7 @@ def test_federation_over_the_provisioned_broker(
     )
     try:
         coordinator = Coordinator(cfg, fleet.coordinator_url, ca_file=str(fleet.ca_file))
-        reports = coordinator.run()
+        reports = coordinator.run().reports
         codes = [p.wait(timeout=60) for p in agents]
     finally:
         for p in agents:

@@ -11,7 +11,9 @@ import pytest
 from bitfleet.cli.main import main
 from bitfleet.protocol.inprocess import InProcessBus, topic_matches
 from coordinator.config import JobConfigError
-from coordinator.simulate import _capture, load_experiment, run_experiment
+from fleet.simulate.experiment import load_experiment
+from fleet.simulate.experiment_run import run_experiment
+from fleet.simulate.results import _capture
 from tests.tiny_fmnist import make_tiny_fmnist
 
 EXPERIMENT = """

@@ -1,4 +1,4 @@
-"""Tests for coordinator.simulate_report: report.md and plots from a simulate results dict."""
+"""Tests for fleet.simulate.report: report.md and plots from a simulate results dict."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.simulate_report import write_report
+from fleet.simulate.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +25,7 @@ def results() -> dict:
         "experiment": "fedhq_fmnist",
         "quick": True,
         "seconds": 384.7,
-        "time_note": "Board times are scaled from host step times (DESIGN section 5).",
+        "time_note": "Board times are scaled from host step times (docs/simulation.md).",
         "allocation_seconds": {"coarse": 0.003, "fine": 41.2},
         "methods": {
             "FedHQ": {

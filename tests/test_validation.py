@@ -22,10 +22,8 @@ from bitfleet.protocol import (
     split_payload,
     unpack_state,
 )
-from coordinator import strategies
-from coordinator.checkpoint import load_latest_checkpoint, save_checkpoint
-from coordinator.config import JobConfigError, ValidationSection, job_config_from_dict
-from coordinator.strategies import (
+from coordinator import aggregation
+from coordinator.aggregation import (
     CheckedUpdate,
     CoordinateMedian,
     Layout,
@@ -34,6 +32,8 @@ from coordinator.strategies import (
     UpdateError,
     make_aggregator,
 )
+from coordinator.checkpoint import load_latest_checkpoint, save_checkpoint
+from coordinator.config import JobConfigError, ValidationSection, job_config_from_dict
 from coordinator.validation import NORMS_KEY, REASONS, Reference, UpdateValidator, delta_norm
 from tests.test_fleet import FLEET, job, run_coordinator, start_agent, stop_all
 from tests.tiny_fmnist import make_tiny_fmnist
@@ -293,11 +293,11 @@ def _np_trimmed(a: np.ndarray, trim: float) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 6, 11])
-@pytest.mark.parametrize("block", [strategies._BLOCK, 7])  # 7: many small coordinate blocks
+@pytest.mark.parametrize("block", [aggregation._BLOCK, 7])  # 7: many small coordinate blocks
 def test_trimmed_mean_and_median_match_numpy(
     n: int, block: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(strategies, "_BLOCK", block)
+    monkeypatch.setattr(aggregation, "_BLOCK", block)
     updates = [model_state(seed) for seed in range(n)]
     trimmed, median = TrimmedMean(updates[0], trim=0.2), CoordinateMedian(updates[0])
     for i, u in enumerate(updates):

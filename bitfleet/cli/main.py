@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__, plugins
+from ..extras import MissingExtraError
 from . import bench, profile
 
 EXIT_ERROR = 1
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         TimeoutError,
         ConnectionError,
         LookupError,
+        MissingExtraError,
     ) as exc:
         # Errors a user can fix (missing data, bad values): the message, not a traceback.
         if args.verbose:

@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--profiles-dir",
         metavar="DIR",
-        help="folder of board profiles (default: $BITFLEET_PROFILES_DIR, then the checkout's)",
+        help="folder of board profiles (default: $BITFLEET_PROFILES_DIR, then the shipped ones)",
     )
     p.set_defaults(run=run)
 

@@ -1,5 +1,5 @@
 """A device's label distribution as a fitted rank-frequency profile, and the accuracy
-significance FedHQ derives from it (DESIGN section 4).
+significance FedHQ derives from it (docs/allocation.md#fedhq).
 
 A device sorts its class counts in decreasing order (its rank-frequency profile) and fits that
 profile to eight families: uniform, normal, exponential, power law, log-normal, gamma, Weibull,
@@ -248,8 +248,9 @@ _weibull = _GridFamily(
     coarse=28,
 )
 
-#: Families by name, in DESIGN order, which also breaks exact ties in selection. Each maps
-#: rank-sorted smoothed counts to a `FamilyFit`; add or replace entries to change the candidates.
+#: Families by name, in the order of docs/allocation.md#sigacc, which also breaks exact ties in
+#: selection. Each maps rank-sorted smoothed counts to a `FamilyFit`; add or replace entries to
+#: change the candidates.
 FAMILIES: dict[str, FamilyFitter] = {
     "uniform": _fit_uniform,
     "normal": _normal,
@@ -421,7 +422,7 @@ def accuracy_significance(
     p_fit: Sequence[float] | np.ndarray,
     p_global: Sequence[float] | np.ndarray,
 ) -> float:
-    """SigAcc = (n / n_max) * (1 - JS(p_fit, p_global)), in [0, 1] (DESIGN section 4).
+    """SigAcc = (n / n_max) * (1 - JS(p_fit, p_global)), in [0, 1] (docs/allocation.md#fedhq).
 
     Large data sets whose labels look like the fleet's drive the global model most, so
     quantization noise on those devices costs the most accuracy; the coordinator min-max

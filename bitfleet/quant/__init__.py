@@ -1,4 +1,4 @@
-"""One quantizer for training, evaluation and export (DESIGN section 3)."""
+"""One quantizer for training, evaluation and export (docs/quantizer.md)."""
 
 from .activation import ActivationQuantizer, affine_qparams
 from .fake_quant import (

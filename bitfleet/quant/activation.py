@@ -1,7 +1,7 @@
 """Per-tensor activation fake-quant, calibrated on a few batches.
 
 Unsigned 8-bit (affine) by default because onnxruntime's integer kernels want uint8
-activations (DESIGN section 6); signed symmetric is there for boards that prefer it.
+activations (docs/export.md); signed symmetric is there for boards that prefer it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The quantizer of DESIGN section 3, as fused tensor ops.
+"""The quantizer of docs/quantizer.md, as fused tensor ops.
 
 Everything that quantizes weights in bitfleet (training, evaluation, export) goes through
 these few functions, so the integers a board runs are the integers training saw.

@@ -1,4 +1,4 @@
-"""Local training methods (DESIGN section 3, paper 003): one small class per method.
+"""Local training methods (docs/quantizer.md, paper 003): one small class per method.
 
 A method decides how a device's copy of the model is trained and how it is turned into a
 b-bit model afterwards. The training loop only calls these hooks, so every method runs

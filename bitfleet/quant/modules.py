@@ -1,7 +1,7 @@
 """Quantization-aware Conv2d/Linear and the module swap that makes any model use them.
 
 The swapped modules share their float Parameters with the original layers, so state dicts,
-optimisers and FedAvg see the same float master weights (DESIGN section 3); quantization is
+optimisers and FedAvg see the same float master weights (docs/quantizer.md); quantization is
 a property of the forward pass at the module's current bit-width.
 """
 

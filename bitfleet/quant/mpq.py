@@ -1,7 +1,7 @@
 """FedMPQ's client side (paper 002): bit planes, their group Lasso, and the bit budget.
 
-A layer at b bits holds integers q = clip(round(w / s), -2^(b-1), 2^(b-1) - 1) (DESIGN
-section 3, the one quantizer). FedMPQ looks at the binary representation of those integers:
+A layer at b bits holds integers q = clip(round(w / s), -2^(b-1), 2^(b-1) - 1)
+(docs/quantizer.md, the one quantizer). FedMPQ looks at the binary representation of those integers:
 when the most significant bit plane of a layer is (nearly) all zero, the layer can drop a bit
 at little cost. Local training adds a group Lasso over the planes, `R_GL(B) = sum_i ||B_i||_2`,
 which drives whole planes to zero; the server reads the planes' sparsity to decide which

@@ -1,10 +1,10 @@
 """Credentials and broker configuration for one fleet: `bitfleet coordinator provision`.
 
-A fleet's broker is reachable by strangers' devices, so it runs with TLS only, no anonymous
-access, a password per board, and an ACL under which a board may publish only under its own id
-and read only its own assignments, tasks and model (DESIGN section 2). Writing those files by hand
-(openssl, mosquitto_passwd, an ACL) is where fleets get it wrong, so this module writes all of
-them in one step, into one directory:
+A fleet's broker is reachable by strangers' devices, so it runs with TLS only, no anonymous access,
+a password per board, and an ACL under which a board may publish only under its own id and read only
+its own assignments, tasks and model (docs/security.md#the-acl). Writing those files by hand
+(openssl, mosquitto_passwd, an ACL) is where fleets get it wrong, so this module writes all of them
+in one step, into one directory:
 
     ca.crt, ca.key            a private CA; the key is needed again only to issue certificates
     server.crt, server.key    the broker's certificate (SANs: --host names, localhost, loopback)
@@ -15,31 +15,33 @@ them in one step, into one directory:
     devices/<id>.env          one agent env file per board (deploy/README.md, /etc/bitfleet/)
     credentials.json          every password in one place, for tools (0600, like every secret)
 
-Password hashes are computed here rather than by `mosquitto_passwd`, which the server that
-provisions may not have installed; the tests check them against a real broker.
+The certificates come from `certificates`, the Mosquitto files from `broker_config`; the
+command line is `provision_cli` (offered as `bitfleet coordinator provision` through the
+`bitfleet.coordinator_actions` entry point).
 """
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import hashlib
 import ipaddress
 import json
 import os
 import re
 import secrets
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from bitfleet.protocol import Topics, validate_device_id
+
+from .broker_config import (
+    COORDINATOR_USER,
+    PBKDF2_ITERATIONS,
+    acl_text,
+    mosquitto_conf_text,
+    mosquitto_password_hash,
+)
+from .certificates import _cert_pem, _key_pem, make_ca, make_server_cert
 
 __all__ = [
     "COORDINATOR_USER",
@@ -52,17 +54,6 @@ __all__ = [
     "mosquitto_password_hash",
     "provision",
 ]
-
-#: The coordinator's MQTT account; devices are named by their device ids.
-COORDINATOR_USER = "coordinator"
-
-#: Mosquitto 2's own default. Passwords here are 192-bit random tokens, so a higher count adds no
-#: safety, while every connect costs the single-threaded broker one PBKDF2 run (1000 boards
-#: reconnecting after a broker restart).
-PBKDF2_ITERATIONS = 101
-
-#: Big enough for one 1 MiB chunk plus its <= 64 KiB header (bitfleet.protocol.chunks).
-MAX_PACKET_SIZE = 2 * 1024 * 1024
 
 #: Where the deployed agent expects the CA (deploy/README.md, section 3).
 AGENT_CA_PATH = "/etc/bitfleet/ca.crt"
@@ -80,7 +71,6 @@ OUTPUT_FILES = (
     "credentials.json",
 )
 
-_SALT_BYTES = 12  # what mosquitto_passwd uses
 _LEVEL = re.compile(r"[A-Za-z0-9_.-]+")  # a topic level safe inside ACL and config lines
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
@@ -145,210 +135,9 @@ def _check_path(path: Path) -> None:
         raise ValueError(f"output directory {str(path)!r} contains a line break")
 
 
-# -- passwords --
-
-
-def mosquitto_password_hash(
-    password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS
-) -> str:
-    """A Mosquitto 2 password file hash: `$7$<iterations>$<b64 salt>$<b64 PBKDF2-SHA512>`."""
-    salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations, 64)
-    b64 = base64.b64encode
-    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
-
-
 def _new_password() -> str:
     # URL-safe alphabet: goes into mqtts://user:password@host without quoting.
     return secrets.token_urlsafe(24)
-
-
-# -- certificates --
-
-
-def _name(common_name: str, fleet: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "bitfleet"),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"fleet {fleet}"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
-    # Backdated an hour: a board without a real-time clock may run a little behind at boot.
-    now = dt.datetime.now(dt.timezone.utc)
-    return now - dt.timedelta(hours=1), now + dt.timedelta(days=days)
-
-
-def make_ca(fleet: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A self-signed CA that may sign server certificates only (path length 0)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = _name(f"bitfleet {fleet} CA", fleet)
-    start, end = _validity(days)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def make_server_cert(
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    hosts: Sequence[str],
-    fleet: str,
-    days: int,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The broker's certificate, valid for `hosts` (DNS names or IP addresses)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    start, end = _validity(days)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(hosts[0], fleet))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    # Unencrypted: Mosquitto would otherwise prompt for a passphrase at every start.
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-# -- broker configuration --
-
-
-def acl_text(prefix: str, fleet: str, coordinator_user: str = COORDINATOR_USER) -> str:
-    """The Mosquitto ACL: the coordinator may do anything in the fleet, a device only its own.
-
-    `pattern` rules apply to every user, with `%u` the user name, which is the device id: that
-    is what stops one board from speaking for another or reading another's model. Unauthorized
-    publishes are dropped silently by Mosquitto (MQTT 3.1.1 has no way to refuse them).
-    """
-    base = Topics(prefix=prefix, fleet=fleet).base
-    lines = [
-        f"# bitfleet fleet {fleet!r}: written by `bitfleet coordinator provision`.",
-        "# No rule before the first `user` line: anonymous clients (refused anyway) get nothing.",
-        "",
-        f"user {coordinator_user}",
-        f"topic readwrite {base}/#",
-        "",
-        "# Every other account is a device; its user name is its device id (%u).",
-        *(f"pattern write {base}/{kind}/%u" for kind in ("register", "update")),
-        f"pattern readwrite {base}/status/%u",
-        *(f"pattern read {base}/{kind}/%u" for kind in ("assign", "task", "model")),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def mosquitto_conf_text(
-    out: Path,
-    fleet: str,
-    port: int,
-    bind: str | None = None,
-    user: str | None = None,
-    devices: int = 0,
-) -> str:
-    """mosquitto.conf for the files in `out` (absolute paths: Mosquitto may run elsewhere).
-
-    `user` is who Mosquitto runs as when started by root (its own default is `mosquitto`).
-    """
-    out = out.resolve()
-    listener = f"listener {port} {bind}" if bind else f"listener {port}"
-    run_as = f"user {user}\n" if user else ""
-    return (
-        f"# Mosquitto 2 configuration for bitfleet fleet {fleet!r}, written by\n"
-        "# `bitfleet coordinator provision`. Start it with:\n"
-        f"#   mosquitto -c {out / 'mosquitto.conf'}\n"
-        "# TLS only; every client logs in and may use only its own topics (see acl).\n"
-        f"{run_as}"
-        "per_listener_settings false\n"
-        "allow_anonymous false\n"
-        f"password_file {out / 'passwd'}\n"
-        f"acl_file {out / 'acl'}\n"
-        "# Retained status and queued QoS 1 messages survive a broker restart.\n"
-        "persistence true\n"
-        f"persistence_location {out / 'data'}/\n"
-        "# One chunk is at most 1 MiB of data plus a 64 KiB header; anything larger is refused.\n"
-        f"max_packet_size {MAX_PACKET_SIZE}\n"
-        "# Every board answers a round at once: the coordinator's queue must hold one update's\n"
-        "# chunks from each (Mosquitto's default of 1000 would drop some in a larger fleet).\n"
-        f"max_queued_messages {max(1000, 4 * devices)}\n"
-        "\n"
-        f"{listener}\n"
-        f"cafile {out / 'ca.crt'}\n"
-        f"certfile {out / 'server.crt'}\n"
-        f"keyfile {out / 'server.key'}\n"
-        "tls_version tlsv1.2\n"
-        "# The client id is the user name, so no board can take over another's session. A\n"
-        "# listener option: above the `listener` line it would open a plaintext port 1883.\n"
-        "use_username_as_clientid true\n"
-    )
 
 
 def _agent_env(p: Provisioned, device: str, agent_ca_path: str) -> str:

@@ -1,35 +1,39 @@
 """What `bitfleet simulate` leaves behind: report.md and plots built from its results.json.
 
-The report is a pure function of the results dict, so it can be rebuilt from a saved
-results.json without rerunning anything, and the simulator and its report can change apart.
-Every time column names its clock (DESIGN section 5): *simulated* seconds are the board clock
-the simulator reconstructs (each round lasts as long as its slowest participant or the
-deadline, at each profile's speed, plus link time); *host* seconds are this machine's wall clock.
-
-Plots use matplotlib's `Figure` directly rather than pyplot: it needs no global backend switch
-and keeps no figure registry, so writing a report from inside a larger process (or a test) has
-no side effects. The look follows coordinator/demo_report.py: same strategy colours, grid and
-resolution.
+The report is a pure function of the results dict, so it can be rebuilt from a saved results.json
+without rerunning anything, and the simulator and its report can change apart. Every time column
+names its clock (docs/simulation.md#the-board-clock): *simulated* seconds are the board clock the
+simulator reconstructs (each round lasts as long as its slowest participant or the deadline, at each
+profile's speed, plus link time); *host* seconds are this machine's wall clock. The tables are built
+here, their cells in `report_format`, the plots in `plots`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .plots import (
+    _plot_accuracy_vs_bits,
+    _plot_accuracy_vs_time,
+    _plot_allocation,
+    _strategy_colours,
+)
+from .report_format import (
+    _acc_by_bits,
+    _accuracy,
+    _bits_label,
+    _cell,
+    _is_number,
+    _natural_key,
+    _number,
+    _seconds,
+    _value,
+)
+
 __all__ = ["write_report"]
-
-# Colours per local strategy, as in the demo's plots; other strategies take the next spare
-# colour (`_strategy_colours`) in order of first appearance.
-_STRATEGY_COLOURS = {"ptq": "tab:blue", "qat": "tab:orange", "mqat": "tab:green"}
-
-_DPI = 120
-_FLOAT_BITS = 32.0
 
 
 def write_report(results: Mapping[str, Any], out_dir: Path) -> list[Path]:
@@ -90,7 +94,8 @@ def _markdown(
         "",
         "Clocks: *simulated s* is the simulated board clock (each round lasts as long as its "
         "slowest participant or the deadline, at each board profile's speed, plus link time; "
-        "DESIGN section 5); *host s* is this host's wall clock for the same work.",
+        "docs/simulation.md#the-board-clock); *host s* is this host's wall clock for the same "
+        "work.",
     ]
     if results.get("time_note"):
         lines += ["", str(results["time_note"])]
@@ -178,7 +183,8 @@ def _count_table(title: str, total: str, methods: Mapping[str, Mapping], key: st
 def _overhead(methods: Mapping[str, Mapping], overall: Any) -> list[str]:
     """The allocation stages' cost on the host clock, overall and per method that paid any.
 
-    DESIGN section 4 asks for the fine stage's overhead in minutes beside the coarse stage's.
+    docs/allocation.md#fine-stage asks for the fine stage's overhead in minutes beside the
+    coarse stage's.
     """
     per_method = {
         name: m["allocation_seconds"]
@@ -250,184 +256,3 @@ def _mapping_table(section: Any) -> list[str]:
         cells = [_cell(_value(fields[c])) if c in fields else "-" for c in columns]
         lines.append(f"| {_cell(key)} | " + " | ".join(cells) + " |")
     return lines
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> str:
-    """Integers as they are, floats to four significant figures (no exponent below 10^4)."""
-    if value is None:
-        return "-"
-    if not _is_number(value):
-        return _cell(_value(value))
-    if isinstance(value, int) or (
-        math.isfinite(value) and value == int(value) and abs(value) < 1e15
-    ):
-        return str(int(value))
-    return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
-
-
-def _accuracy(value: Any) -> str:
-    return f"{value:.4f}" if _is_number(value) else _number(value)
-
-
-def _seconds(value: Any) -> str:
-    """Seconds with precision that suits their size: 812 s, 41.2 s, 0.003 s."""
-    if not _is_number(value):
-        return _number(value)
-    if abs(value) >= 100:
-        return f"{value:.0f}"
-    return f"{value:.1f}" if abs(value) >= 1 else f"{value:.3g}"
-
-
-def _value(value: Any) -> str:
-    if _is_number(value) or value is None:
-        return _number(value)
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _cell(text: Any) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _natural_key(name: str) -> list:
-    """dev2 before dev10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(name))]
-
-
-def _acc_by_bits(name: str, method: Mapping) -> dict[float, Any]:
-    """A method's accuracy per bit-width, with the JSON's string keys as numbers."""
-    out = {}
-    for key, acc in (method.get("acc_by_bits") or {}).items():
-        try:
-            out[float(key)] = acc
-        except ValueError:
-            raise ValueError(f"method {name!r}: bit-width {key!r} is not a number") from None
-    return out
-
-
-def _bits_label(bits: float) -> str:
-    return "fp32" if bits == _FLOAT_BITS else _number(bits)
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots: each returns None when it wrote its file, else why it did not.
-
-
-def _strategy_colours(strategies: Iterable[str]) -> dict[str, str]:
-    colours = dict(_STRATEGY_COLOURS)
-    spare = (
-        f"tab:{c}"
-        for c in ("red", "purple", "brown", "pink", "olive", "cyan", "gray")
-        if f"tab:{c}" not in colours.values()
-    )
-    for strategy in strategies:
-        if strategy not in colours:
-            colours[strategy] = next(spare, "black")
-    return colours
-
-
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height))
-
-
-def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
-
-
-def _plot_accuracy_vs_time(
-    methods: Mapping[str, Mapping], colours: Mapping[str, str], path: Path
-) -> str | None:
-    curves = {name: m["curve"] for name, m in methods.items() if m.get("curve")}
-    if not curves:
-        return "no method recorded an accuracy curve"
-    fig = _figure(6, 4)
-    ax = fig.subplots()
-    for name, curve in curves.items():
-        # A round may end without an evaluation at the deploy width (accuracy null).
-        points = [p for p in curve if _is_number(p[2])]
-        xs, ys = [p[1] for p in points], [p[2] for p in points]
-        ax.plot(xs, ys, marker=".", color=colours[name], label=name)
-    ax.set(
-        xlabel="simulated time (s, board clock)",
-        ylabel="test accuracy",
-        title="Accuracy against simulated time",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, path)
-    return None
-
-
-def _plot_accuracy_vs_bits(
-    methods: Mapping[str, Mapping], colours: Mapping[str, str], path: Path
-) -> str | None:
-    per_method = {name: _acc_by_bits(name, m) for name, m in methods.items()}
-    per_method = {name: accs for name, accs in per_method.items() if accs}
-    if not per_method:
-        return "no method recorded accuracy by bit-width"
-    # Evenly spaced categories: on a numeric axis fp32 would squeeze 2..8 bits into a corner.
-    widths = sorted({b for accs in per_method.values() for b in accs})
-    fig = _figure(6, 4)
-    ax = fig.subplots()
-    for name, accs in per_method.items():
-        xs = [i for i, b in enumerate(widths) if _is_number(accs.get(b))]
-        ys = [accs[widths[i]] for i in xs]
-        ax.plot(xs, ys, marker="o", color=colours[name], label=name)
-    ax.set_xticks(range(len(widths)), [_bits_label(b) for b in widths])
-    ax.set(xlabel="deployed weight bits", ylabel="test accuracy", title="Accuracy by bit-width")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    _save(fig, path)
-    return None
-
-
-def _plot_allocation(
-    methods: Mapping[str, Mapping], colours: Mapping[str, str], path: Path
-) -> str | None:
-    panels = {name: m for name, m in methods.items() if m.get("significance")}
-    if not panels:
-        return "no method recorded significance (only allocation methods do)"
-    cols = min(len(panels), 3)
-    rows = math.ceil(len(panels) / cols)
-    fig = _figure(4.5 * cols, 4 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, (name, m) in zip(axes, panels.items(), strict=False):
-        assignment = m.get("assignment") or {}
-        by_strategy: dict[str, list[tuple[float, float]]] = {}
-        for device, (speed, acc) in m["significance"].items():
-            by_strategy.setdefault(assignment.get(device, "unassigned"), []).append((speed, acc))
-        for strategy, points in sorted(by_strategy.items()):
-            ax.scatter(
-                [p[0] for p in points],
-                [p[1] for p in points],
-                s=18,
-                color=colours.get(strategy, "grey"),
-                label=f"{strategy} ({len(points)})",
-            )
-        ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8, linestyle="--")
-        ax.set(
-            xlim=(-0.05, 1.05),
-            ylim=(-0.05, 1.05),
-            xlabel="SigSpeed",
-            ylabel="SigAcc",
-            title=name,
-        )
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-    _save(fig, path)
-    return None

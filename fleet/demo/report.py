@@ -7,27 +7,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .server import Coordinator, RoundReport
+from bitfleet.data import ImageData
+from bitfleet.extras import require
+from coordinator.config import JobConfig
+from coordinator.server import JobResult, RoundReport
 
 
-def check_onnx_files(coordinator: Coordinator, out: Path) -> list[dict]:
+def check_onnx_files(job: JobResult, data: ImageData, out: Path) -> list[dict]:
     """Run every device's received model in onnxruntime on the whole test set."""
     import onnxruntime as ort
 
-    x = coordinator.data.test_x.float().div(255.0).numpy()
-    y = coordinator.data.test_y.numpy()
-    last = coordinator.reports[-1] if coordinator.reports else None
+    x = data.test_x.float().div(255.0).numpy()
+    y = data.test_y.numpy()
+    last = job.reports[-1] if job.reports else None
     rows = []
-    for device in sorted(coordinator.store.devices(), key=lambda d: d.id):
-        bits = coordinator.device_bits(device.profile)
-        files = sorted((out / "devices" / device.id).glob("*.onnx"))
+    for device in sorted(job.assignments):
+        assignment, reg = job.assignments[device], job.registrations[device]
+        bits = assignment.deploy_bits
+        files = sorted((out / "devices" / device).glob("*.onnx"))
         row = {
-            "device": device.id,
-            "board": device.profile.get("board", {}).get("name"),
-            "n_samples": device.data.get("n_samples"),
-            "strategy": coordinator.assignments.get(device.id, {}).get(
-                "strategy", coordinator.cfg.allocation.strategy
-            ),
+            "device": device,
+            "board": reg.board.name,
+            "n_samples": reg.data.n_samples,
+            "strategy": assignment.strategy,
             "bits": bits,
             "onnx": str(files[0]) if files else None,
             "bytes": files[0].stat().st_size if files else None,
@@ -51,9 +53,7 @@ def check_onnx_files(coordinator: Coordinator, out: Path) -> list[dict]:
 
 
 def _plots(reports: list[RoundReport], devices: list[dict], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "demo", "the demo's plots").use("Agg")
     import matplotlib.pyplot as plt
 
     names = []
@@ -96,13 +96,14 @@ def _plots(reports: list[RoundReport], devices: list[dict], out: Path) -> list[s
 
 
 def write_outputs(
-    coordinator: Coordinator,
-    reports: list[RoundReport],
+    job: JobResult,
+    cfg: JobConfig,
     devices: list[dict],
     out: Path,
     seconds: float,
 ) -> dict:
     """Write report.md and the plots; return the summary (the `--json` contract)."""
+    reports = job.reports
     last = reports[-1] if reports else None
     overheads = [r.overhead_seconds for r in reports]
     round_s = [r.host_seconds for r in reports]
@@ -117,7 +118,7 @@ def write_outputs(
         "round_seconds": statistics.mean(round_s) if round_s else None,
         "sim_round_seconds": statistics.mean(r.sim_seconds for r in reports) if reports else None,
         "per_device": devices,
-        "dropped_messages": dict(coordinator.dropped),
+        "dropped_messages": dict(job.dropped),
         "seconds": seconds,
     }
     plots = _plots(reports, devices, out) if reports else []
@@ -125,10 +126,10 @@ def write_outputs(
         "# bitfleet demo report",
         "",
         f"{summary['devices']} devices, {summary['rounds_completed']} rounds, allocation "
-        f"`{coordinator.cfg.allocation.mode}` (QAT side `{coordinator.cfg.allocation.qat_strategy}`"
+        f"`{cfg.allocation.mode}` (QAT side `{cfg.allocation.qat_strategy}`"
         f"), {seconds:.0f} s in all. Times: *real* is this "
         "host's wall clock; *simulated* scales each device's training time by its board's "
-        "relative speed and adds link time (DESIGN section 5).",
+        "relative speed and adds link time (docs/simulation.md#the-board-clock).",
         "",
         "## Rounds",
         "",

@@ -21,9 +21,9 @@ Per fleet size:
 - `coordinator_peak_rss_mb`: the kernel's high-water mark of the coordinator process's
   resident memory (getrusage), which a sampling monitor could miss.
 
-Each role runs as `python -m coordinator.bench_fleet ROLE SPEC`, and talks to the bench over
-its standard streams: one line `ready` once it is set up, `result JSON` at the end; agents
-start connecting on a `go` line and disconnect on `stop`.
+Each role runs as `python -m fleet.bench_roles ROLE SPEC` (fleet/bench_roles.py), and talks
+to the bench over its standard streams: one line `ready` once it is set up, `result JSON` at the
+end; agents start connecting on a `go` line and disconnect on `stop`.
 """
 
 from __future__ import annotations
@@ -39,17 +39,14 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-FLEET = "bench"
+from .bench_roles import DEADLINE_S
+from .broker import MosquittoProcess, find_mosquitto, free_port
 
 AGENTS_PER_PROCESS = 250
 """Agents one process serves: one paho thread each, and mostly idle between tasks."""
-
-DEADLINE_S = 120.0
-"""A round's deadline: far beyond what a round takes, so an update that misses it is lost."""
 
 
 # -- the command line -----------------------------------------------------------------------
@@ -105,8 +102,6 @@ def run_fleet_bench(
 ) -> dict[str, Any]:
     """Measure `small` agents (if > 0), then `agents`; the figures of the latter at the top
     level, the former's under `small`, their ratios under `growth`."""
-    from bitfleet.broker import find_mosquitto
-
     if agents < 1 or rounds < 1:
         raise ValueError("--agents and --rounds must be at least 1")
     if not 0 <= small < agents:
@@ -181,8 +176,6 @@ def mosquitto_conf(port: int, agents: int) -> str:
 
 
 def _measure(agents: int, rounds: int, processes: int, workdir: Path) -> dict[str, Any]:
-    from bitfleet.broker import MosquittoProcess, free_port
-
     workdir.mkdir(parents=True)
     port = free_port()
     url = f"mqtt://127.0.0.1:{port}"
@@ -243,7 +236,7 @@ class _Child:
         self.log = workdir / f"{self.name}.log"
         with self.log.open("wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "coordinator.bench_fleet", role, json.dumps(spec)],
+                [sys.executable, "-m", "fleet.bench_roles", role, json.dumps(spec)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -290,7 +283,6 @@ class _Child:
 def _machine() -> dict[str, Any]:
     from importlib import metadata
 
-    from bitfleet.broker import find_mosquitto
     from bitfleet.machine import describe_machine
 
     info = describe_machine()
@@ -335,186 +327,3 @@ def format_table(result: dict[str, Any]) -> str:
         ]
     lines.append(f"total: {result['seconds']:.0f} s")
     return "\n".join(lines)
-
-
-# -- the roles, each in its own process ---------------------------------------------------------
-
-
-def _job(spec: dict[str, Any]) -> dict[str, Any]:
-    """Float FedAvg of LeNet-5 over every agent each round; nothing else to decide."""
-    return {
-        "job": {"name": "bench-fleet", "fleet": FLEET, "seed": 0, "state_dir": spec["state"]},
-        "model": {"name": "lenet5"},
-        "training": {"rounds": spec["rounds"], "local_epochs": 1.0},
-        "rounds": {
-            "fraction": 1.0,
-            "min_devices": spec["agents"],
-            "quorum": 1.0,
-            "deadline_s": DEADLINE_S,
-            "register_timeout_s": 300.0,
-        },
-        "allocation": {"mode": "fixed", "strategy": "fp", "bits": 32},
-        "deploy": {"bits": [8]},
-    }
-
-
-def _coordinator_role(spec: dict[str, Any], stdout: TextIO) -> None:
-    """The real coordinator; its models are synthetic, so no data set is loaded (eight blank
-    test images keep its per-round evaluation trivial) and nothing is exported."""
-    import torch
-
-    from bitfleet.data import DATASET_SPECS, ImageData
-
-    from .config import job_config_from_dict
-    from .server import Coordinator
-
-    blank = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
-    labels = torch.zeros(8, dtype=torch.int64)
-    data = ImageData(blank, labels, blank, labels, DATASET_SPECS["fashion-mnist"])
-    cfg = job_config_from_dict(_job(spec), source="bench fleet")
-    coordinator = Coordinator(cfg, spec["url"], data=data, export=False)
-
-    def announce_ready() -> None:  # once subscribed, so that no registration is missed
-        while coordinator.transport is None:
-            time.sleep(0.01)
-        if coordinator.transport.wait_ready(60):
-            print("ready", file=stdout, flush=True)
-
-    queued = [0]
-
-    def watch_queue() -> None:  # updates received but not folded yet: memory the fold owes
-        while True:
-            queued[0] = max(queued[0], coordinator.updates.qsize())
-            time.sleep(0.02)
-
-    threading.Thread(target=announce_ready, daemon=True).start()
-    threading.Thread(target=watch_queue, daemon=True).start()
-    reports = coordinator.run()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    result = {
-        "received": [len(r.received) for r in reports],
-        "overhead_s": [r.overhead_seconds for r in reports],
-        "round_s": [r.host_seconds for r in reports],
-        "last_registered_at": max(d.registered_at for d in coordinator.store.devices()),
-        "peak_rss_mb": peak_kib / 1024,
-        "dropped": coordinator.dropped,
-        "max_queued_updates": queued[0],
-        "update_bytes": sum(
-            v.numel() * v.element_size() for v in coordinator.global_state.values()
-        ),
-    }
-    print("result " + json.dumps(result), file=stdout, flush=True)
-
-
-class _Agent:
-    """One board as the coordinator sees it: registers, and answers each task with an update."""
-
-    def __init__(self, device: str, url: str, answer: queue.Queue, profile: dict) -> None:
-        from bitfleet.protocol import MqttTransport, Reassembler, Topics, encode_message
-
-        self.device = device
-        self.topics = Topics(fleet=FLEET)
-        self.answer = answer
-        self.profile = profile
-        self.reassembler = Reassembler(max_bytes=64 * 2**20, max_chunks=65, timeout_s=600)
-        offline = encode_message("status", {"device_id": device, "online": False})
-        self.transport = MqttTransport(
-            url,
-            f"bench-{device}",
-            self._on_message,
-            will=(self.topics.status(device), offline, True),
-            subscriptions=[self.topics.task(device)],
-            on_connect=self._register,
-        )
-
-    def _register(self) -> None:
-        from bitfleet.protocol import encode_message
-
-        online = encode_message("status", {"device_id": self.device, "online": True})
-        self.transport.publish(self.topics.status(self.device), online, retain=True)
-        body = {
-            "device_id": self.device,
-            "profile": self.profile,
-            "data": {"n_samples": 100, "label_hist": [10] * 10},
-            "sent_at": time.time(),
-        }
-        self.transport.publish(self.topics.register(self.device), encode_message("register", body))
-
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        from bitfleet.protocol import ProtocolError, validate_message
-
-        try:
-            done = self.reassembler.add(payload, source="task")
-            if done is not None:
-                self.answer.put((self, validate_message(done.meta, "task"), done.blob))
-        except ProtocolError as exc:
-            print(f"{self.device}: bad task ({exc.reason}): {exc}", file=sys.stderr, flush=True)
-
-
-def _answer_tasks(answer: queue.Queue, sent: list[int]) -> None:
-    """Turn tasks into updates: the task's model plus noise, built once per round and process."""
-    import torch
-
-    from bitfleet.protocol import make_message, pack_state, split_payload, unpack_state
-
-    cache: tuple[tuple, bytes] | None = None
-    while (item := answer.get()) is not None:
-        agent, task, blob = item
-        key = (task["job_id"], task["round"], task.get("trial"))
-        if cache is None or cache[0] != key:
-            state = unpack_state(blob)
-            noisy = {
-                k: v + 1e-3 * torch.randn_like(v) if v.is_floating_point() else v
-                for k, v in state.items()
-            }
-            cache = (key, pack_state(noisy))
-        meta = {
-            "round": task["round"],
-            "job_id": task["job_id"],
-            "n_samples": 100,
-            "train_loss": 1.0,
-            "train_seconds": 0.0,
-        }
-        if task.get("trial") is not None:
-            meta["trial"] = task["trial"]
-        chunks = split_payload("update", make_message("update", meta), cache[1])
-        agent.transport.publish_many(agent.topics.update(agent.device), chunks, wait=False)
-        sent[0] += 1
-
-
-def _agents_role(spec: dict[str, Any], stdin: TextIO, stdout: TextIO) -> None:
-    """`spec["ids"]` agents: connect on `go`, serve tasks, disconnect on `stop`."""
-    from bitfleet.profiles import load_profile, measure_machine, profile_summary
-
-    profile = profile_summary(load_profile("x86-server"), measure_machine(), None)
-    answer: queue.Queue = queue.Queue()
-    sent = [0]
-    worker = threading.Thread(target=_answer_tasks, args=(answer, sent), daemon=True)
-    worker.start()
-    print("ready", file=stdout, flush=True)
-    if stdin.readline().strip() != "go":
-        return
-    agents = [_Agent(device, spec["url"], answer, profile) for device in spec["ids"]]
-    with ThreadPoolExecutor(16) as pool:  # connecting waits for the broker: overlap the waits
-        list(pool.map(lambda a: a.transport.start(timeout=120), agents))
-    stdin.readline()  # "stop", or the bench went away
-    answer.put(None)
-    worker.join(30)
-    for agent in agents:
-        agent.transport.stop(flush_timeout=1)
-    print("result " + json.dumps({"updates_sent": sent[0]}), file=stdout, flush=True)
-
-
-def _role_main(argv: list[str]) -> int:
-    role, spec = argv[0], json.loads(argv[1])
-    if role == "coordinator":
-        _coordinator_role(spec, sys.stdout)
-    elif role == "agents":
-        _agents_role(spec, sys.stdin, sys.stdout)
-    else:
-        raise SystemExit(f"unknown role {role!r}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_role_main(sys.argv[1:]))

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bitfleet.broker import MosquittoProcess
-
-    from .provision import Provisioned
+    from fleet.broker import MosquittoProcess
+    from fleet.provision import Provisioned
 
 DEMO_BOARDS = ("rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "x86-server")
 
@@ -113,9 +112,8 @@ def _start_secure_broker(
 ) -> tuple[Provisioned, MosquittoProcess]:
     """Provision the demo's fleet into OUT/fleet and start Mosquitto with its TLS config on a
     free loopback port: what deploy/README.md does for a real fleet, on one machine."""
-    from bitfleet.broker import MosquittoProcess, find_mosquitto, free_port
-
-    from .provision import provision
+    from fleet.broker import MosquittoProcess, find_mosquitto, free_port
+    from fleet.provision import provision
 
     find_mosquitto()  # its absence is the likely failure: say so before writing anything
     fleet_dir = out / "fleet"
@@ -170,12 +168,12 @@ def _spawn_agents(
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from bitfleet.broker import EmbeddedBroker
     from bitfleet.protocol import parse_broker_url
+    from coordinator.config import job_config_from_dict
+    from coordinator.server import Coordinator, RoundReport
+    from fleet.broker import EmbeddedBroker
 
-    from .config import job_config_from_dict
-    from .demo_report import check_onnx_files, write_outputs
-    from .server import Coordinator, RoundReport
+    from .report import check_onnx_files, write_outputs
 
     if args.devices < 2:
         raise ValueError("--devices must be at least 2")
@@ -222,7 +220,7 @@ def run_demo(args: argparse.Namespace) -> int:
         agents = _spawn_agents(args, url, out, fleet)
         ca_file = str(fleet.ca_file) if fleet else None
         coordinator = Coordinator(cfg, url, ca_file=ca_file, on_round=show)
-        reports = coordinator.run()
+        job = coordinator.run()
         deadline = time.monotonic() + 120
         for _, proc in agents:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -233,8 +231,8 @@ def run_demo(args: argparse.Namespace) -> int:
         metrics.close()
         if broker is not None:
             broker.stop()
-    onnx = check_onnx_files(coordinator, out)
-    summary = write_outputs(coordinator, reports, onnx, out, time.perf_counter() - t0)
+    onnx = check_onnx_files(job, coordinator.data, out)
+    summary = write_outputs(job, cfg, onnx, out, time.perf_counter() - t0)
     if args.json:
         from bitfleet.cli.output import write_json
 

@@ -1,10 +1,10 @@
 """Brokers bitfleet starts itself: an in-process one (amqtt), and a Mosquitto process.
 
-Production fleets use Mosquitto (or a clustered broker, DESIGN section 9). The embedded amqtt
-broker exists so that `bitfleet demo` needs nothing installed beyond the Python package;
-`MosquittoProcess` runs the real one where a command needs what only Mosquitto has (TLS with
-the provisioned accounts and ACL for `demo --secure`, thousands of connections for
-`bench fleet`).
+Production fleets use Mosquitto (or a clustered broker, docs/protocol.md#beyond-one-broker). The
+embedded amqtt broker exists so that `bitfleet demo` needs nothing installed beyond the Python
+package; `MosquittoProcess` runs the real one where a command needs what only Mosquitto has (TLS
+with the provisioned accounts and ACL for `demo --secure`, thousands of connections for `bench
+fleet`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+
+from bitfleet.extras import require
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -52,7 +54,9 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> EmbeddedBroker:
-        from amqtt.broker import Broker
+        Broker = require(
+            "amqtt.broker", "demo", "the embedded broker (or pass --broker mqtt://HOST:PORT)"
+        ).Broker
 
         # amqtt logs every connection at INFO and its own shutdown at ERROR; neither helps a user.
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)

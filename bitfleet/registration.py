@@ -1,0 +1,172 @@
+"""What a board says about itself when it registers, as typed values read once at the door.
+
+An agent builds its `Registration` (board profile, measured machine and step times, a summary of
+its labels, never samples) and sends `to_message()`; the coordinator reads the message back with
+`Registration.from_message`, which checks every field the allocation and the export will read,
+so one malformed board is dropped with a reason instead of breaking every later decision. The
+store keeps the message's dictionaries; `from_stored` reads them back the same way
+(docs/protocol.md#register, docs/allocation.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .profiles import DeviceProfile, ProfileError
+from .protocol import ProtocolError
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """A device's data as it may leave the board: sample count, label histogram, and the
+    fitted rank-frequency profile (`bitfleet.data.label_fit`) as its dictionary."""
+
+    n_samples: int
+    label_hist: tuple[int, ...]
+    label_fit: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of_labels(cls, labels: Sequence[int], num_classes: int) -> DataSummary:
+        """The summary of a device's training labels: what agents and virtual boards send."""
+        import numpy as np
+
+        from .data import label_histogram
+        from .data.label_fit import fit_label_profile
+
+        counts = label_histogram(np.asarray(labels), range(len(labels)), num_classes)
+        hist = [int(c) for c in counts]
+        return cls(len(labels), tuple(hist), fit_label_profile(hist).to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_samples": self.n_samples, "label_hist": list(self.label_hist)}
+        if self.label_fit is not None:
+            out["label_fit"] = dict(self.label_fit)
+        return out
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds of one float and one QAT training step, measured on the board itself."""
+
+    t_fp: float
+    t_qat: float | None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One device's registration: who it is, what board it is, how fast it trains, its data.
+
+    `profile` is the profile summary as sent (`bitfleet.profiles.profile_summary`): kept whole
+    for the store and reports; `board`, `step_times` and `qat_overhead` are its typed parts.
+    `qat_overhead` is what a QAT step costs relative to a float step on this device: measured
+    where the board timed both, else its profile's prior.
+    """
+
+    device_id: str
+    board: DeviceProfile
+    step_times: StepTimes | None
+    qat_overhead: float
+    data: DataSummary
+    profile: Mapping[str, Any]
+
+    @property
+    def relative_speed(self) -> float:
+        return self.board.relative_speed
+
+    @property
+    def link_mbps(self) -> float:
+        return self.board.link_mbps
+
+    def to_message(self, sent_at: float) -> dict[str, Any]:
+        """The body of a `register` message."""
+        return {
+            "device_id": self.device_id,
+            "profile": dict(self.profile),
+            "data": self.data.to_dict(),
+            "sent_at": sent_at,
+        }
+
+    @classmethod
+    def from_message(cls, body: Mapping[str, Any], num_classes: int) -> Registration:
+        """Read a schema-checked `register` body for a job with `num_classes` classes.
+
+        Everything later rules read is checked here: a board table that is a valid profile
+        (positive speed and bandwidth, known storage and widths), a label histogram of the job's
+        classes, finite positive step times. Anything else is a ProtocolError `bad_register`
+        naming the field.
+        """
+        return cls.from_stored(body["device_id"], body["profile"], body["data"], num_classes)
+
+    @classmethod
+    def from_stored(
+        cls,
+        device_id: str,
+        profile: Mapping[str, Any],
+        data: Mapping[str, Any],
+        num_classes: int | None = None,
+    ) -> Registration:
+        """The same reading for a registration the store kept (`num_classes` None: any)."""
+        if not isinstance(profile, Mapping):
+            raise ProtocolError("bad_register", "profile must be an object")
+        try:
+            board = DeviceProfile.from_dict(profile.get("board"), source="profile.board")
+        except ProfileError as exc:
+            raise ProtocolError("bad_register", str(exc)) from None
+        return cls(
+            device_id=device_id,
+            board=board,
+            step_times=_step_times(profile.get("step_times")),
+            qat_overhead=_overhead(profile.get("qat_overhead"), board.qat_overhead),
+            data=_data(data, num_classes),
+            profile=profile,
+        )
+
+
+def _positive(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ProtocolError("bad_register", f"{where} must be a positive number, got {value!r}")
+    if not math.isfinite(value):
+        raise ProtocolError("bad_register", f"{where} must be finite, got {value!r}")
+    return float(value)
+
+
+def _step_times(raw: Any) -> StepTimes | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ProtocolError("bad_register", "profile.step_times must be an object or null")
+    t_fp = raw.get("t_fp")
+    if t_fp is None or t_fp == 0:
+        return None  # measured nothing: the profile's speed stands in
+    t_qat = raw.get("t_qat")
+    return StepTimes(
+        _positive(t_fp, "profile.step_times.t_fp"),
+        None if not t_qat else _positive(t_qat, "profile.step_times.t_qat"),
+    )
+
+
+def _overhead(raw: Any, prior: float) -> float:
+    if raw is None:
+        return prior
+    return _positive(raw, "profile.qat_overhead")
+
+
+def _data(raw: Any, num_classes: int | None) -> DataSummary:
+    if not isinstance(raw, Mapping):
+        raise ProtocolError("bad_register", "data must be an object")
+    hist = raw.get("label_hist")
+    n = raw.get("n_samples")
+    if not isinstance(hist, list) or not all(type(c) is int and c >= 0 for c in hist):
+        raise ProtocolError("bad_register", "data.label_hist must be a list of counts >= 0")
+    if num_classes is not None and len(hist) != num_classes:
+        raise ProtocolError(
+            "bad_register",
+            f"label_hist has {len(hist)} classes, the job's data set {num_classes}",
+        )
+    if type(n) is not int or n < 0:
+        raise ProtocolError("bad_register", f"data.n_samples must be an integer >= 0, got {n!r}")
+    fit = raw.get("label_fit")
+    return DataSummary(n, tuple(hist), fit if isinstance(fit, Mapping) else None)

@@ -1,0 +1,238 @@
+"""The assigner: which local method ("strategy") and which bits each device gets.
+
+It keeps the fleet's registrations, runs the job's allocation rule (`coordinator.allocation`)
+over them once the registration burst settles, answers late joiners with the rule's choice for
+them in the fleet as it is then, and turns each choice into an `Assignment`: the method, its
+training bits (the job's, or the device's budget), MQAT's widths, FedMPQ's per-layer bits, and
+the width the device's final model is exported at. Every assignment is stored, so a resumed
+coordinator tells each device what it was told before, FedMPQ's revised layer bits included
+(docs/allocation.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import nn
+
+from bitfleet.assignment import Assignment
+from bitfleet.protocol import ProtocolError
+from bitfleet.quant import SUPPORTED_BITS
+from bitfleet.quant.mpq import layer_sizes, plane_sparsity
+from bitfleet.registration import Registration
+
+from .allocation import Allocation, AllocationInput, make_allocation_rule
+from .config import JobConfig
+from .mpq import prune_grow
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+def training_bits(cfg: JobConfig, reg: Registration) -> int:
+    """A device's training bits: the job's `bits`, or (`bits_from = "profile"`) its budget."""
+    if cfg.allocation.bits_from == "job":
+        return cfg.allocation.bits
+    return reg.board.deploy_width()
+
+
+def deploy_bits(cfg: JobConfig, reg: Registration) -> int:
+    """The width a device's final model is exported at (docs/allocation.md#deploy-width).
+
+    With budgets from the profile, the budget itself; otherwise the board's width among the
+    job's `[deploy] bits`.
+    """
+    if cfg.allocation.bits_from == "profile":
+        return reg.board.deploy_width()
+    return reg.board.deploy_width(cfg.deploy.bits)
+
+
+class Assigner:
+    """Decides and remembers every device's `Assignment`; `publish(device, assignment)` sends
+    one (the coordinator's `assign` message)."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        store: StateStore,
+        model: nn.Module,
+        *,
+        model_bytes: int,
+        publish: Callable[[str, Assignment], None],
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.publish = publish
+        self.model_bytes = model_bytes
+        self.rule = make_allocation_rule(cfg.allocation, cfg.job.seed)
+        self.allocation: Allocation | None = None
+        self.seconds = {"coarse": 0.0, "fine": 0.0}
+        self.assignments: dict[str, Assignment] = {}
+        self.registrations: dict[str, Registration] = {}
+        self._restored_layers: dict[str, dict[str, int]] = {}
+        self._sizes = layer_sizes(model)
+        self._lock = threading.Lock()
+
+    def restore(self) -> None:
+        """On resume: the fleet as registered before, and FedMPQ's layer bits as last revised
+        (a device's first assignment after the restart goes on from them)."""
+        for d in self.store.devices():
+            try:
+                self.registrations[d.id] = Registration.from_stored(d.id, d.profile, d.data)
+            except ProtocolError as exc:  # stored by an older coordinator that let it in
+                log.warning("ignored the stored registration of %s: %s", d.id, exc)
+        for dev, record in self.store.assignments().items():
+            if record.per_layer_bits:
+                self._restored_layers[dev] = dict(record.per_layer_bits)
+
+    # -- registrations ------------------------------------------------------------------------
+
+    def registered(self, reg: Registration) -> None:
+        """A device (re)registered. A fixed allocation needs no fleet view: it is answered at
+        once. The others decide for the whole fleet after the registration burst
+        (`allocate_all`); later arrivals get the rule's answer for them then."""
+        with self._lock:
+            self.registrations[reg.device_id] = reg
+            known = self.assignments.get(reg.device_id)
+            if known is not None:
+                self.publish(reg.device_id, known)  # a restarted board
+            elif self.allocation is not None or self.cfg.allocation.mode == "fixed":
+                self._assign(reg.device_id, self._strategy_for(reg.device_id))
+
+    def fleet(self) -> AllocationInput:
+        t = self.cfg.training
+        return AllocationInput(
+            registrations=dict(self.registrations),
+            local_epochs=t.local_epochs,
+            batch_size=t.batch_size,
+            model_bytes=self.model_bytes,
+        )
+
+    # -- allocation ----------------------------------------------------------------------------
+
+    def allocate_all(self, resumed: bool) -> Allocation:
+        """Allocate the registered fleet; on resume, keep what the devices were told before
+        (FedMPQ's layer bits too)."""
+        stored = self.store.assignments() if resumed else {}
+        with self._lock:
+            allocation = self.rule.allocate(self.fleet())
+            for dev, record in stored.items():
+                if dev in allocation.strategies:
+                    allocation.strategies[dev] = record.strategy
+            self.allocation = allocation
+            self.seconds["coarse"] = allocation.seconds
+            for dev, strategy in allocation.strategies.items():
+                self._assign(dev, strategy)
+        counts: dict[str, int] = {}
+        for s in allocation.strategies.values():
+            counts[s] = counts.get(s, 0) + 1
+        log.info("allocation (%s): %s", self.cfg.allocation.mode, counts)
+        return allocation
+
+    def assign(self, device: str, strategy: str) -> None:
+        """Give `device` the assignment for `strategy` (the fine stage's trials and choice)."""
+        with self._lock:
+            self._assign(device, strategy)
+
+    def _strategy_for(self, device: str) -> str:
+        if self.cfg.allocation.mode == "fixed":
+            return self.cfg.allocation.strategy
+        if self.allocation is not None and device in self.allocation.strategies:
+            return self.allocation.strategies[device]
+        late = self.rule.allocate(self.fleet())
+        if self.allocation is not None:
+            self.allocation.strategies[device] = late.strategies[device]
+            if device in late.significance:
+                self.allocation.significance[device] = late.significance[device]
+            self.allocation.rules[device] = late.rules.get(device, "late")
+        return late.strategies[device]
+
+    def _build(self, device: str, strategy: str) -> Assignment:
+        reg = self.registrations[device]
+        a = self.cfg.allocation
+        bits = training_bits(self.cfg, reg)
+        bit_set = None
+        if strategy == "mqat":
+            supported = {*reg.board.storage_bits, *reg.board.deploy_bits}
+            bit_set = tuple(a.bit_set) or tuple(sorted(b for b in supported if 2 <= b <= 8))
+        layers = None
+        if strategy == "mpq":
+            previous = self.assignments.get(device)
+            if previous is not None and previous.per_layer_bits and previous.bits == bits:
+                layers = previous.per_layer_bits
+            elif device in self._restored_layers:
+                layers = self._restored_layers[device]
+            else:  # at first, the pruning from full width with no sparsity known: sizes decide
+                layers = self._prune_grow({}, bits)
+        return Assignment(
+            strategy=strategy,
+            bits=bits,
+            bit_set=bit_set,
+            per_layer_bits=layers,
+            step=a.step if strategy in ("qat", "mqat") and a.step != "frozen" else None,
+            lasso=a.mpq_lasso if strategy == "mpq" else None,
+            deploy_bits=deploy_bits(self.cfg, reg),
+        )
+
+    def _assign(self, device: str, strategy: str) -> None:
+        """Record and send `device`'s assignment; a repeat of the same one is not resent."""
+        if device not in self.registrations:
+            return
+        assignment = self._build(device, strategy)
+        if self.assignments.get(device) == assignment:
+            return
+        self._set(device, assignment)
+        self.publish(device, assignment)
+
+    def _set(self, device: str, assignment: Assignment) -> None:
+        self.assignments[device] = assignment
+        self.store.set_assignment(
+            device, assignment.strategy, assignment.bits, assignment.per_layer_bits
+        )
+
+    # -- FedMPQ ----------------------------------------------------------------------------
+
+    def _prune_grow(self, sparsity: Mapping[str, list[float]], budget: int) -> dict[str, int]:
+        full = {name: max(SUPPORTED_BITS) for name in self._sizes}
+        return prune_grow(sparsity, self._sizes, budget, start=full)
+
+    def update_layer_bits(self, model: nn.Module) -> None:
+        """After aggregation, fit each FedMPQ device's layer bits to its budget (paper 002).
+
+        The aggregate holds every device's precision, so each device's bits are pruned down
+        from the full width: the layers with the most weights first, sooner where the group
+        Lasso emptied their top bit planes (the aggregate's planes at that width), and grown
+        back on the smallest layers wherever the budget allows. The new bits are stored, so a
+        resumed job goes on from them.
+        """
+        with self._lock:
+            mpq = {d: a for d, a in self.assignments.items() if a.strategy == "mpq"}
+        if not mpq:
+            return
+        sparsity = plane_sparsity(model, max(SUPPORTED_BITS))
+        for device, assignment in mpq.items():
+            revised = assignment.with_layer_bits(self._prune_grow(sparsity, assignment.bits))
+            with self._lock:
+                self._set(device, revised)
+
+    # -- what devices are told -------------------------------------------------------------
+
+    def message_body(self, device: str, job_id: str) -> dict[str, Any]:
+        """The `assign` body for `device`: its assignment and the job's training settings."""
+        t = self.cfg.training
+        return {
+            "device_id": device,
+            **self.assignments[device].to_message(),
+            "job": {
+                "job_id": job_id,
+                "model": self.cfg.model.name,
+                "dataset": self.cfg.data.dataset,
+                "batch_size": t.batch_size,
+                "local_epochs": t.local_epochs,
+                "lr": t.lr,
+                "optimizer": t.optimizer,
+            },
+        }

@@ -1,0 +1,181 @@
+"""The virtual boards of `bitfleet simulate`: their data slices, profiles and board clock.
+
+Time (docs/simulation.md#the-board-clock): the host's step time is measured once per local method; a
+virtual board's training time is that scaled by the board's relative speed and, for methods that run
+the fake quantizer, by the board's QAT overhead from its profile. The coordinator adds transfer time
+from the link bandwidth and takes the slowest participant per round. `HostCompute` runs the boards'
+training one piece at a time on the host's cores.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bitfleet.data import DATASET_SPECS, ImageData, partition
+from bitfleet.profiles import load_profile, measure_machine, profile_summary, time_train_steps
+from bitfleet.quant import make_method
+from bitfleet.registration import DataSummary, Registration
+from coordinator.allocation import QUANT_IN_FORWARD
+from coordinator.config import JobConfig
+
+from .experiment import Experiment, SimDevice
+
+
+def measure_host_steps(
+    model_name: str, dataset: str, strategies: set[str], batch_size: int, steps: int = 40
+) -> dict[str, float]:
+    """Median seconds of one training step per local method on this host
+    (docs/simulation.md#the-board-clock); `ptq` trains exactly as `fp` does and shares its
+    figure."""
+    spec = DATASET_SPECS[dataset]
+    methods = {
+        s: make_method(s, **({"bits": 2} if s in ("qat", "apqn", "mpq") else {}))
+        for s in sorted((strategies - {"ptq"}) | {"fp"})
+    }
+    out = time_train_steps(
+        model_name,
+        methods,
+        batch_size=batch_size,
+        steps=steps,
+        in_channels=spec.in_channels,
+        image_size=spec.image_size,
+        num_classes=spec.num_classes,
+        warmup=3,
+    )
+    out["ptq"] = out["fp"]
+    return out
+
+
+@dataclass
+class VirtualFleet:
+    """The devices of an experiment: their data slices, profiles and clocks."""
+
+    devices: list[SimDevice]
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    profiles: dict[str, dict[str, Any]]
+    host_steps: dict[str, float]
+    num_classes: int
+
+    def clock(self, device: str) -> Callable[[str, int], float]:
+        """The device's board clock: (local method, optimiser steps) -> seconds on its board."""
+        board = self.profiles[device]["board"]
+        speed = float(board["relative_speed"])
+        overhead = float(board.get("qat_overhead") or 1.0)
+        t_fp = self.host_steps["fp"] / speed
+
+        def seconds(strategy: str, steps: int) -> float:
+            if strategy in QUANT_IN_FORWARD:
+                return steps * t_fp * overhead
+            host = self.host_steps.get(strategy, self.host_steps["fp"])
+            return steps * t_fp * host / self.host_steps["fp"]
+
+        return seconds
+
+    def registrations(self) -> dict[str, Registration]:
+        """What the devices will say at registration, for allocation-only ablations."""
+        out = {}
+        for dev, (_, y) in self.data.items():
+            data = DataSummary.of_labels(y.numpy(), self.num_classes).to_dict()
+            out[dev] = Registration.from_stored(dev, self.profiles[dev], data)
+        return out
+
+
+def build_fleet(
+    exp: Experiment,
+    data: ImageData,
+    job: JobConfig,
+    quick: bool,
+    host_steps: dict[str, float] | None = None,
+) -> VirtualFleet:
+    """Split the training set over the devices (Dirichlet or IID, seeded) and give each its
+    board's profile with step times scaled from this host's (`host_steps`, measured here
+    unless given: repeated seeds share one measurement, so their clocks are comparable)."""
+    x, y = data.train_x, data.train_y
+    fraction = float(exp.quick.get("train_fraction", 1.0)) if quick else 1.0
+    if fraction < 1.0:
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(job.job.seed))
+        keep = keep[: int(len(y) * fraction)]
+        x, y = x[keep], y[keep]
+    parts = partition(
+        y.numpy(), len(exp.devices), job.data.partition, seed=job.job.seed, alpha=job.data.alpha
+    )
+    strategies = {job.allocation.strategy, job.allocation.qat_strategy, job.allocation.ptq_strategy}
+    for overlay in exp.methods.values():
+        a = overlay.get("allocation", {})
+        strategies |= {a.get(k) for k in ("strategy", "qat_strategy", "ptq_strategy")} - {None}
+    if host_steps is None:
+        host_steps = measure_host_steps(
+            job.model.name, job.data.dataset, strategies, job.training.batch_size
+        )
+    machine = measure_machine()
+    fleet_data, profiles = {}, {}
+    for dev, idx in zip(exp.devices, parts, strict=True):
+        index = torch.from_numpy(idx).long()
+        fleet_data[dev.id] = (x[index], y[index])
+        board = load_profile(dev.board)
+        speed = board.relative_speed
+        steps = {
+            "t_fp": host_steps["fp"] / speed,
+            "t_qat": host_steps["fp"] / speed * board.qat_overhead,
+            "source": "simulated: host step time scaled by the profile",
+        }
+        summary = profile_summary(board, machine, steps)
+        summary["qat_overhead"] = board.qat_overhead  # the board's, not this host's ratio
+        if dev.budget_bits is not None:
+            summary["board"]["budget_bits"] = dev.budget_bits
+        profiles[dev.id] = summary
+    num_classes = DATASET_SPECS[job.data.dataset].num_classes
+    return VirtualFleet(exp.devices, fleet_data, profiles, host_steps, num_classes)
+
+
+class HostCompute:
+    """The virtual boards' training, run one piece at a time on the thread that serves it.
+
+    The boards share this host: ten of them training at once on two cores run slower in all
+    than one after the other. And the threads matter: every thread that runs torch ops keeps
+    its own OpenMP team, and with a dozen teams on two cores libgomp stops spinning, so each
+    kernel call pays for a wake-up (LeNet-5's step: 7.1 ms beside ten idle teams, 4.8 ms
+    alone). The simulator therefore serves this queue from its main thread, with torch's two
+    threads, and runs the agents and the coordinator with one thread each.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], Any], threading.Event, list[Any]]] = (
+            queue.Queue()
+        )
+        self._closed = threading.Event()
+
+    def __call__(self, work: Callable[[], Any]) -> Any:
+        """Run `work` on the serving thread and return its result (or raise its error)."""
+        done, box = threading.Event(), []
+        self._jobs.put((work, done, box))
+        while not done.wait(0.2):
+            if self._closed.is_set():
+                raise RuntimeError("the simulation stopped before this board's training ran")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def serve(self, until: Callable[[], bool]) -> None:
+        """Run queued work until `until()` is true."""
+        while not until():
+            try:
+                work, done, box = self._jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                box.append(work())
+            except Exception as exc:  # noqa: BLE001 - handed to the board that asked
+                box.append(exc)
+            finally:
+                done.set()
+
+    def close(self) -> None:
+        """Stop taking work; boards still waiting get an error instead of hanging."""
+        self._closed.set()
