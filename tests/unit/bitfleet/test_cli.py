@@ -17,7 +17,7 @@ from bitfleet.cli.main import main
 from bitfleet.data import fashion_mnist
 from tests.tiny_fmnist import make_tiny_fmnist
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture

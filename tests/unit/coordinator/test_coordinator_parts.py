@@ -38,7 +38,7 @@ from coordinator.state import StateStore
 from tests.read_only import make_read_only
 
 FAST = settings(max_examples=40, deadline=None)
-EXAMPLE = Path(__file__).resolve().parents[1] / "experiments" / "job.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "experiments" / "job.example.toml"
 
 
 def write_job(tmp_path: Path, text: str) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 ROOMS = ("bitfleet", "edge_agent", "coordinator", "export", "fleet")
 MAY_IMPORT = {
     "bitfleet": {"bitfleet"},

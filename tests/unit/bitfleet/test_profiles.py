@@ -25,7 +25,7 @@ from bitfleet.profiles import (
     profiles_dir,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = {"rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "x86-server"}
 
 
