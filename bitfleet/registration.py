@@ -72,14 +72,6 @@ class Registration:
     data: DataSummary
     profile: Mapping[str, Any]
 
-    @property
-    def relative_speed(self) -> float:
-        return self.board.relative_speed
-
-    @property
-    def link_mbps(self) -> float:
-        return self.board.link_mbps
-
     def to_message(self, sent_at: float) -> dict[str, Any]:
         """The body of a `register` message."""
         return {

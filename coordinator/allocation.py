@@ -78,7 +78,7 @@ def device_cost(
         t_fp = reg.step_times.t_fp
         t_qat = reg.step_times.t_qat or t_fp * reg.qat_overhead
     else:
-        t_fp = 1.0 / reg.relative_speed  # relative units: only ratios between devices matter
+        t_fp = 1.0 / reg.board.relative_speed  # relative units: only ratios between devices matter
         t_qat = t_fp * reg.qat_overhead
     n = reg.data.n_samples
     return DeviceCost(
@@ -88,7 +88,7 @@ def device_cost(
         t_fp=t_fp,
         t_qat=t_qat,
         calib_s=calib_batches * t_fp / 3,  # a forward pass is about a third of a step
-        comm_s=transfer_seconds(model_bytes, reg.link_mbps),
+        comm_s=transfer_seconds(model_bytes, reg.board.link_mbps),
     )
 
 

@@ -156,8 +156,9 @@ class Assigner:
         bits = training_bits(self.cfg, reg)
         bit_set = None
         if strategy == "mqat":
+            # Every width the board can run or store (a profile's widths are 2..8 bits).
             supported = {*reg.board.storage_bits, *reg.board.deploy_bits}
-            bit_set = tuple(a.bit_set) or tuple(sorted(b for b in supported if 2 <= b <= 8))
+            bit_set = tuple(a.bit_set) or tuple(sorted(supported))
         layers = None
         if strategy == "mpq":
             previous = self.assignments.get(device)

@@ -245,8 +245,8 @@ class RoundRunner:
         longest = 0.0
         for upd in updates:
             reg = boards.get(upd.device)
-            speed = reg.relative_speed if reg is not None else 1.0
-            mbps = reg.link_mbps if reg is not None else 100.0
+            speed = reg.board.relative_speed if reg is not None else 1.0
+            mbps = reg.board.link_mbps if reg is not None else 100.0
             train = upd.train_seconds / speed if upd.board_seconds is None else upd.board_seconds
             longest = max(longest, train + transfer_seconds(payload_bytes, mbps))
         return longest

@@ -363,7 +363,8 @@ class Coordinator:
         )
         self.store.close_round(rnd, None, None, len(stragglers), host_s, report.sim_seconds)
         self.reports.append(report)
-        self.evaluator.start(report, {k: v.clone() for k, v in self.model.state.items()})
+        # `load` replaces the state with new tensors, never writes into it: no copy needed.
+        self.evaluator.start(report, self.model.state)
 
     def _export(self) -> None:
         last = self.reports[-1] if self.reports else None

@@ -29,7 +29,6 @@ from bitfleet.board_time import steps_per_round
 from bitfleet.data import DATASET_SPECS, ImageData, load_dataset, partition
 from bitfleet.models import create_model_for
 from bitfleet.profiles import (
-    DeviceProfile,
     detect_board,
     load_profile,
     measure_machine,
@@ -51,7 +50,7 @@ from bitfleet.protocol import (
     validate_device_id,
     validate_message,
 )
-from bitfleet.registration import DataSummary
+from bitfleet.registration import DataSummary, Registration
 from bitfleet.training import train
 
 log = logging.getLogger(__name__)
@@ -205,12 +204,7 @@ class EdgeAgent:
         self._registered_at = time.monotonic()
         status = encode_message("status", {"device_id": self.device_id, "online": True})
         self.transport.publish(self.topics.status(self.device_id), status, retain=True)
-        body = {
-            "device_id": self.device_id,
-            "profile": self.profile,
-            "data": self.data_summary.to_dict(),
-            "sent_at": time.time(),
-        }
+        body = self.registration.to_message(sent_at=time.time())
         self.transport.publish(
             self.topics.register(self.device_id), encode_message("register", body)
         )
@@ -247,9 +241,11 @@ class EdgeAgent:
         spec = DATASET_SPECS[self.opts.dataset]
         # Only statistics leave the board: the histogram and its fitted rank-frequency profile
         # (FedHQ's accuracy significance, docs/allocation.md#sigacc), never samples.
-        self.data_summary = DataSummary.of_labels(self.y.numpy(), spec.num_classes)
-        self.profile = self._given_profile or self._profile()
-        self.board = DeviceProfile.from_dict(self.profile["board"], source="this agent's profile")
+        data = DataSummary.of_labels(self.y.numpy(), spec.num_classes)
+        profile = self._given_profile or self._profile()
+        # Read back as the coordinator will: a profile it would refuse fails here, at start.
+        self.registration = Registration.from_stored(self.device_id, profile, data.to_dict())
+        self.board = self.registration.board
         # A board named with --profile that is not the machine this runs on (the demo's
         # virtual boards): its times are scaled to that board. On the board itself, or with
         # --profile auto, the measured time is the board's time.

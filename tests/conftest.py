@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fleet.broker import find_mosquitto
+from fleet.broker import MosquittoProcess, find_mosquitto, free_port
 
 #: Big enough for a 1 MiB chunk plus its header; bigger single messages are a bug to catch.
 BROKER_MAX_PACKET = 2 * 1024 * 1024
@@ -28,26 +24,13 @@ def require_mosquitto() -> str:
         pytest.skip(str(exc))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 class Mosquitto:
-    """A mosquitto process bound to 127.0.0.1:`port`; `restart()` keeps the port."""
+    """A mosquitto process bound to 127.0.0.1:`port` (`fleet.broker.MosquittoProcess` with a
+    config of its own); `restart()` keeps the port."""
 
     def __init__(self, binary: str, directory: Path) -> None:
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.config = directory / "mosquitto.conf"
         self.log_path = directory / "mosquitto.log"
@@ -61,38 +44,20 @@ class Mosquitto:
             "log_type warning\n"
             "log_type notice\n"
         )
-        self.process: subprocess.Popen[bytes] | None = None
+        self._process = MosquittoProcess(self.config, self.port, self.log_path)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, timeout: float = 10.0) -> None:
-        if self.process is not None:
-            raise RuntimeError("mosquitto is already running")
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [self.binary, "-c", str(self.config)], stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        while not _accepts(self.port):
-            code = self.process.poll()
-            if code is not None or time.monotonic() > deadline:
-                self.stop()
-                why = f"exited with code {code}" if code is not None else f"not up in {timeout} s"
-                pytest.fail(f"mosquitto on port {self.port} {why}; its log:\n{self.log()}")
-            time.sleep(0.02)
+        try:
+            self._process.start(timeout)
+        except RuntimeError as exc:  # its message holds the broker's log
+            pytest.fail(str(exc))
 
     def stop(self) -> None:
         """Terminate the broker (clients see the connection drop); a no-op if not running."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        self._process.stop()
 
     def restart(self) -> None:
         self.stop()
@@ -130,7 +95,7 @@ class SecureMosquitto(Mosquitto):
         from fleet.provision import provision
 
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.fleet = provision(
             "test",
             devices,
@@ -147,7 +112,7 @@ class SecureMosquitto(Mosquitto):
             # 0600 files in pytest's private tmp directory; a real server chowns them instead.
             with self.config.open("a") as conf:
                 conf.write("user root\n")
-        self.process = None
+        self._process = MosquittoProcess(self.config, self.port, self.log_path)
 
 
 @pytest.fixture

@@ -26,16 +26,7 @@ from bitfleet.quant import (
 )
 from bitfleet.training import evaluate, train
 from coordinator.mpq import prune_grow
-
-
-def blobs(n: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Three classes of 1x28x28 images told apart by which third of the image is bright."""
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=gen)
-    x = torch.rand(n, 1, 28, 28, generator=gen) * 0.3
-    for c in range(3):
-        x[y == c, :, :, c * 9 : c * 9 + 9] += 0.7
-    return x.clamp(0, 1), y
+from tests.blobs import blobs
 
 
 @pytest.fixture
@@ -94,7 +85,7 @@ def test_group_lasso_gradient_shrinks_weights_holding_the_msb() -> None:
 @pytest.mark.usefixtures("one_thread")
 def test_group_lasso_training_empties_msb_planes() -> None:
     """A few dozen steps with the Lasso leave far more zeros in every layer's MSB plane."""
-    x, y = blobs()
+    x, y = blobs(256)
     msb = {}
     for lasso in (0.0, 0.1):
         model = lenet()
