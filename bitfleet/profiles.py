@@ -55,6 +55,9 @@ STORAGE_KINDS = ("int8", "packed")
 `packed`: INT4/INT2 initializers dequantized at run time, smaller files (storage-bound boards)."""
 
 _BITS = tuple(range(2, 9))  # bitfleet.quant.SUPPORTED_BITS, without importing torch to read TOML
+
+MAX_QAT_OVERHEAD = 100.0
+"""Largest plausible cost of a QAT step relative to a float step (measured: 1.1 to 3)."""
 _ARCH_ALIASES = {"arm64": "aarch64", "amd64": "x86_64", "x64": "x86_64"}
 _DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 _TEGRA_RELEASE = Path("/etc/nv_tegra_release")
@@ -276,20 +279,31 @@ def _bool(v: Any) -> bool:
     return v
 
 
-def _pos_int(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise TypeError("expected a positive integer")
-    return v
+def _pos_int(hi: int) -> Callable[[Any], int]:
+    """A positive integer up to a plausible `hi`: a board figure out of that range is a typo in
+    a file or a lie in a registration, and would skew every plan made with it."""
+
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi:
+            raise TypeError(f"expected an integer in 1..{hi}")
+        return v
+
+    return check
 
 
-def _pos_float(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-        raise TypeError("expected a positive number")
-    return float(v)
+def _pos_float(hi: float) -> Callable[[Any], float]:
+    """A positive finite number up to a plausible `hi` (see `_pos_int`)."""
+
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= hi:
+            raise TypeError(f"expected a number in (0, {hi:g}]")
+        return float(v)
+
+    return check
 
 
 def _overhead(v: Any) -> float:
-    v = _pos_float(v)
+    v = _pos_float(MAX_QAT_OVERHEAD)(v)
     if v < 1.0:
         raise TypeError("expected a number >= 1.0 (a QAT step is never cheaper than a float step)")
     return v
@@ -324,18 +338,18 @@ def _storage(v: Any) -> str:
 _FIELDS: dict[str, Callable[[Any], Any]] = {
     "name": _str,
     "description": _str,
-    "cores": _pos_int,
-    "clock_ghz": _pos_float,
-    "memory_gib": _pos_float,
-    "gflops_fp32": _pos_float,
+    "cores": _pos_int(1024),
+    "clock_ghz": _pos_float(10.0),
+    "memory_gib": _pos_float(65536.0),
+    "gflops_fp32": _pos_float(1e6),
     "int_dot_product": _bool,
     "onnxruntime_providers": _providers,
     "deploy_bits": _bits,
     "storage_bits": _bits,
     "preferred_storage": _storage,
     "qat_overhead": _overhead,
-    "link_mbps": _pos_float,
-    "relative_speed": _pos_float,
+    "link_mbps": _pos_float(1e6),
+    "relative_speed": _pos_float(1e4),
 }
 _DETECT_FIELDS: dict[str, Callable[[Any], Any]] = {
     "device_tree_model": _strs,

@@ -15,8 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .profiles import DeviceProfile, ProfileError
+from .profiles import MAX_QAT_OVERHEAD, DeviceProfile, ProfileError
 from .protocol import ProtocolError
+
+MAX_STEP_SECONDS = 1e4
+"""Longest plausible training step on any board (a Pi 4's LeNet step is about 0.05 s)."""
 
 
 @dataclass(frozen=True)
@@ -82,15 +85,21 @@ class Registration:
         }
 
     @classmethod
-    def from_message(cls, body: Mapping[str, Any], num_classes: int) -> Registration:
-        """Read a schema-checked `register` body for a job with `num_classes` classes.
+    def from_message(
+        cls, body: Mapping[str, Any], num_classes: int, max_samples: int | None = None
+    ) -> Registration:
+        """Read a schema-checked `register` body for a job with `num_classes` classes whose
+        training split holds `max_samples` samples.
 
         Everything later rules read is checked here: a board table that is a valid profile
-        (positive speed and bandwidth, known storage and widths), a label histogram of the job's
-        classes, finite positive step times. Anything else is a ProtocolError `bad_register`
-        naming the field.
+        (plausible speed and bandwidth, known storage and widths), a label histogram of the
+        job's classes that sums to a sample count the data set can hold (the count weighs the
+        device's updates), finite plausible step times, a well-formed label fit. Anything else
+        is a ProtocolError `bad_register` naming the field (docs/security.md#threat-model).
         """
-        return cls.from_stored(body["device_id"], body["profile"], body["data"], num_classes)
+        return cls.from_stored(
+            body["device_id"], body["profile"], body["data"], num_classes, max_samples
+        )
 
     @classmethod
     def from_stored(
@@ -99,8 +108,9 @@ class Registration:
         profile: Mapping[str, Any],
         data: Mapping[str, Any],
         num_classes: int | None = None,
+        max_samples: int | None = None,
     ) -> Registration:
-        """The same reading for a registration the store kept (`num_classes` None: any)."""
+        """The same reading for a registration the store kept (None: any classes, any count)."""
         if not isinstance(profile, Mapping):
             raise ProtocolError("bad_register", "profile must be an object")
         try:
@@ -112,16 +122,16 @@ class Registration:
             board=board,
             step_times=_step_times(profile.get("step_times")),
             qat_overhead=_overhead(profile.get("qat_overhead"), board.qat_overhead),
-            data=_data(data, num_classes),
+            data=_data(data, num_classes, max_samples),
             profile=profile,
         )
 
 
-def _positive(value: Any, where: str) -> float:
+def _positive(value: Any, where: str, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ProtocolError("bad_register", f"{where} must be a positive number, got {value!r}")
-    if not math.isfinite(value):
-        raise ProtocolError("bad_register", f"{where} must be finite, got {value!r}")
+    if not math.isfinite(value) or value > hi:
+        raise ProtocolError("bad_register", f"{where} must be at most {hi:g}, got {value!r}")
     return float(value)
 
 
@@ -135,18 +145,18 @@ def _step_times(raw: Any) -> StepTimes | None:
         return None  # measured nothing: the profile's speed stands in
     t_qat = raw.get("t_qat")
     return StepTimes(
-        _positive(t_fp, "profile.step_times.t_fp"),
-        None if not t_qat else _positive(t_qat, "profile.step_times.t_qat"),
+        _positive(t_fp, "profile.step_times.t_fp", MAX_STEP_SECONDS),
+        None if not t_qat else _positive(t_qat, "profile.step_times.t_qat", MAX_STEP_SECONDS),
     )
 
 
 def _overhead(raw: Any, prior: float) -> float:
     if raw is None:
         return prior
-    return _positive(raw, "profile.qat_overhead")
+    return _positive(raw, "profile.qat_overhead", MAX_QAT_OVERHEAD)
 
 
-def _data(raw: Any, num_classes: int | None) -> DataSummary:
+def _data(raw: Any, num_classes: int | None, max_samples: int | None) -> DataSummary:
     if not isinstance(raw, Mapping):
         raise ProtocolError("bad_register", "data must be an object")
     hist = raw.get("label_hist")
@@ -160,5 +170,32 @@ def _data(raw: Any, num_classes: int | None) -> DataSummary:
         )
     if type(n) is not int or n < 0:
         raise ProtocolError("bad_register", f"data.n_samples must be an integer >= 0, got {n!r}")
-    fit = raw.get("label_fit")
-    return DataSummary(n, tuple(hist), fit if isinstance(fit, Mapping) else None)
+    if max_samples is not None and n > max_samples:
+        raise ProtocolError(
+            "bad_register", f"data.n_samples {n} is more than the data set's {max_samples}"
+        )
+    if sum(hist) != n:
+        raise ProtocolError(
+            "bad_register", f"data.label_hist counts {sum(hist)} samples, n_samples says {n}"
+        )
+    return DataSummary(n, tuple(hist), _label_fit(raw.get("label_fit"), len(hist)))
+
+
+def _label_fit(raw: Any, num_classes: int) -> Mapping[str, Any] | None:
+    """The label fit as sent, once `LabelFit.from_dict` (what allocation reads) accepts it and
+    it covers the histogram's classes."""
+    if raw is None:
+        return None
+    from .data.label_fit import LabelFit
+
+    if not isinstance(raw, Mapping):
+        raise ProtocolError("bad_register", "data.label_fit must be an object or null")
+    try:
+        fit = LabelFit.from_dict(raw)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError("bad_register", f"data.label_fit: {exc}") from None
+    if len(fit.p_fit) != num_classes:
+        raise ProtocolError(
+            "bad_register", f"data.label_fit has {len(fit.p_fit)} classes, not {num_classes}"
+        )
+    return raw

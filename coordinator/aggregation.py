@@ -36,6 +36,7 @@ __all__ = [
     "RunningMean",
     "TrimmedMean",
     "UpdateError",
+    "capped_weights",
     "describe",
     "make_aggregator",
 ]
@@ -398,6 +399,35 @@ ROBUST_AGGREGATORS: dict[str, type[_BufferedAggregator]] = {
 AGGREGATIONS = ("mean", *ROBUST_AGGREGATORS)
 """How a round may combine its updates: `mean` (`RunningMean`, O(model), sample-weighted) or a
 robust rule that buffers the round (O(N x model), unweighted)."""
+
+
+def capped_weights(counts: Mapping[str, int], max_share: float) -> dict[str, float]:
+    """Each device's weight in a round's mean: its sample count, with no device above
+    `max_share` of the round's total (docs/round.md#weights).
+
+    FedAvg weighs by sample count, which a device states itself; the cap bounds what one device
+    can gain by overstating it (within what the data set can hold: `bitfleet.registration`).
+    The cut is water-filling: the largest counts are lowered to one common level `t`, chosen so
+    that `t` is exactly `max_share` of the new total, and the rest keep theirs. When even equal
+    weights would break the cap (fewer than 1 / max_share devices), weights are equal.
+    """
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+    if not counts:
+        return {}
+    if len(counts) * max_share <= 1:
+        return dict.fromkeys(counts, 1.0)
+    ordered = sorted(counts.values(), reverse=True)
+    rest = float(sum(ordered))
+    level = float(ordered[0])
+    # Lower the k largest to `level` while level exceeds max_share of the total so formed.
+    for k in range(1, len(ordered) + 1):
+        rest -= ordered[k - 1]
+        level = max_share * rest / (1 - k * max_share) if k * max_share < 1 else math.inf
+        next_count = ordered[k] if k < len(ordered) else 0
+        if level >= next_count:
+            break
+    return {d: min(float(n), level) for d, n in counts.items()}
 
 
 def make_aggregator(

@@ -17,7 +17,6 @@ when their QAT round still ends inside the all-PTQ round. The optional fine stag
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 import time
@@ -29,8 +28,6 @@ import numpy as np
 
 from bitfleet.board_time import steps_per_round, transfer_seconds
 from bitfleet.registration import DataSummary, Registration
-
-log = logging.getLogger(__name__)
 
 QUANT_IN_FORWARD = frozenset({"qat", "mqat", "apqn", "mpq"})
 """Methods whose training step runs the fake quantizer, and so costs `t_qat` per step."""
@@ -129,11 +126,8 @@ def label_distribution(data: DataSummary, rule: str = "fit") -> np.ndarray:
         return hist / hist.sum() if hist.sum() > 0 else np.full(len(hist), 1.0 / max(1, len(hist)))
     if rule != "fit":
         raise ValueError(f"unknown accuracy rule {rule!r}; known: fit, raw")
-    if data.label_fit is not None:
-        try:
-            return np.asarray(LabelFit.from_dict(data.label_fit).p_fit, dtype=np.float64)
-        except ValueError as exc:  # a faulty or hostile device: refit from its histogram
-            log.warning("ignored a malformed label_fit: %s", exc)
+    if data.label_fit is not None:  # checked at registration (bitfleet.registration)
+        return np.asarray(LabelFit.from_dict(data.label_fit).p_fit, dtype=np.float64)
     return np.asarray(fit_label_profile(list(data.label_hist)).p_fit, dtype=np.float64)
 
 

@@ -215,6 +215,13 @@ class ServerSection:
         doc="mean: streaming, O(model); trimmed_mean, median: buffer the round, O(N x model)",
     )
     trim: float = _key(0.2, "float", _ge(0), _lt(0.5), doc="trimmed_mean: share cut per side")
+    max_weight_share: float = _key(
+        0.25,
+        "float",
+        _gt(0),
+        _le(1),
+        doc="mean: largest share of a round's weight one device gets (docs/round.md#weights)",
+    )
 
 
 @dataclass(frozen=True)
@@ -222,13 +229,17 @@ class ValidationSection:
     """`[validation]`: the update-norm outlier rule (`coordinator.validation`).
 
     Names, shapes, dtypes and NaN/Inf are always checked. The norm rule compares each update's
-    `|update - global|` with the median of the last `window` accepted ones, once `min_history`
-    are known.
+    `|update - global|` with the median of the last `window` accepted ones, and until
+    `min_history` are known with the round's own, from the first round on.
+
+    `reject` is the default: a clipped hostile update still moves the model by `factor` times
+    an honest step in the direction its sender chose; a rejected one moves it not at all, and
+    an honest device ten times the median's norm is rare (docs/security.md#threat-model).
     """
 
-    mode: str = _key("clip", "str", _one_of(NORM_MODES), doc="off | clip | reject")
+    mode: str = _key("reject", "str", _one_of(NORM_MODES), doc="off | clip | reject")
     factor: float = _key(10.0, "float", _ge(1), doc="outlier: norm > factor x median")
-    min_history: int = _key(5, "int", _ge(1), doc="accepted norms before the rule judges")
+    min_history: int = _key(5, "int", _ge(1), doc="norms the median needs; fewer: the round's")
     window: int = _key(100, "int", _ge(1), doc="recent accepted norms the median is taken over")
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,18 @@ log = logging.getLogger(__name__)
 
 EXPORT_CALIB_SAMPLES = 256
 """Training images that calibrate the exported models' activation ranges."""
+
+EXPORT_ATTEMPTS = 2
+"""Tries per device: a second one for a passing fault (a full disk freed, a broker blip)."""
+
+
+@dataclass
+class Delivery:
+    """The end of a job per device: the file each device was sent, and why each device that
+    got none did not (the last attempt's error)."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def deploy_storage(cfg: JobConfig, reg: Registration) -> str:
@@ -58,25 +71,23 @@ def export_and_deliver(
     accuracy: Mapping[str, float],
     transport: Any,
     topics: Topics,
-) -> dict[str, Path]:
+) -> Delivery:
     """Export every assigned device's model into `out_dir` and publish it on its model topic.
 
     `accuracy` is the last round's PyTorch accuracy per deploy width, recorded in the files.
-    Returns each device's file.
+    One device's failure, whatever it is, costs that device a second attempt and then its
+    model, never another device's: the reason is kept in the returned `Delivery`.
     """
     exporter = plugins.load("bitfleet.exporters", "onnx")
     spec = model.spec
     calib = data.train_x[:EXPORT_CALIB_SAMPLES].float().div(255).numpy()
     shape = (spec.in_channels, spec.image_size, spec.image_size)
     files: dict[tuple[str, str, str], Path] = {}
-    exported: dict[str, Path] = {}
+    delivery = Delivery()
     # Names carry the strategy only where the fleet mixes them (FedHQ, random hybrid).
     mixed = len({a.strategy for a in assignments.values()}) > 1
-    for device in sorted(assignments):
-        assignment = assignments[device]
-        bits = assignment.final_bits()
-        if bits is None or device not in registrations:
-            continue
+
+    def deliver(device: str, assignment: Assignment, bits: int | dict[str, int]) -> Path:
         storage = deploy_storage(cfg, registrations[device])
         key = (assignment.strategy, _tag(bits), storage)
         if key not in files:
@@ -98,7 +109,6 @@ def export_and_deliver(
                 },
             ).path
         path = files[key]
-        exported[device] = path
         meta = {
             "job_id": job_id,
             "bits": bits if isinstance(bits, int) else max(bits.values()),
@@ -109,4 +119,22 @@ def export_and_deliver(
         chunks = split_payload("model", make_message("model", meta), path.read_bytes())
         transport.publish_many(topics.model(device), chunks)
         log.info("sent %s its model %s", device, path.name)
-    return exported
+        return path
+
+    for device in sorted(assignments):
+        assignment = assignments[device]
+        bits = assignment.final_bits()
+        if bits is None or device not in registrations:
+            continue
+        for attempt in range(1, EXPORT_ATTEMPTS + 1):
+            try:
+                delivery.files[device] = deliver(device, assignment, bits)
+                delivery.failed.pop(device, None)
+                break
+            except Exception as exc:  # noqa: BLE001 - any fault of one device's model stays its own
+                why = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "model for %s failed (attempt %d/%d): %s", device, attempt, EXPORT_ATTEMPTS, why
+                )
+                delivery.failed[device] = why
+    return delivery

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from bitfleet.protocol import (
+    MAX_CHUNK,
     ProtocolError,
     Reassembler,
     Topics,
@@ -32,8 +33,15 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENT_UPLOADS = 4096
 """Partial uploads held at once: at least the devices of a round, which upload together."""
 
-MAX_UPDATE_BYTES = 256 * 2**20
-"""Largest update the coordinator reassembles; far above any model bitfleet targets."""
+UPLOADS_PER_DEVICE = 2
+"""Each device's byte quota, in updates: one upload in flight, and the next one starting
+while a redelivered chunk of the last is still on its way (docs/protocol.md#reassembly-quotas)."""
+
+
+def update_limit(tensor_bytes: int) -> int:
+    """The largest update this job can receive: the model's tensor bytes plus the safetensors
+    header (names, shapes, offsets: a few hundred bytes per tensor) with room to spare."""
+    return tensor_bytes + tensor_bytes // 100 + 64 * 1024
 
 
 @dataclass
@@ -62,18 +70,26 @@ class Intake:
         *,
         job_id: str,
         num_classes: int,
+        update_bytes: int,
         on_register: Callable[[Registration], None],
     ) -> None:
+        """`update_bytes` is the model's tensor bytes: it bounds what an upload may declare."""
         self.topics = topics
         self.store = store
         self.job_id = job_id
         self.num_classes = num_classes
+        self.max_samples: int | None = None
+        """The training split's size, once the job's data is loaded: registrations claiming
+        more samples than the data set holds are refused."""
         self.on_register = on_register
+        limit = update_limit(update_bytes)
         self.reassembler = Reassembler(
-            max_bytes=MAX_UPDATE_BYTES,
-            max_chunks=MAX_UPDATE_BYTES // 2**20 + 1,
+            max_bytes=limit,
+            max_chunks=limit // MAX_CHUNK + 1,
             timeout_s=600,
             max_partial=MAX_CONCURRENT_UPLOADS,
+            max_source_bytes=UPLOADS_PER_DEVICE * limit,
+            slot_of=lambda meta: (meta.get("round"), meta.get("trial")),
         )
         self.updates: queue.Queue[Update] = queue.Queue()
         self.dropped: dict[str, int] = {}
@@ -106,32 +122,28 @@ class Intake:
     def _register(self, device: str, msg: dict) -> None:
         if msg["device_id"] != device:
             raise ProtocolError("bad_device_id", f"register for {msg['device_id']} on {device}")
-        registration = Registration.from_message(msg, self.num_classes)
+        registration = Registration.from_message(msg, self.num_classes, self.max_samples)
         self.store.upsert_device(device, registration.profile, msg["data"])
         self.store.set_online(device, True)
         log.info("registered %s (%s samples)", device, registration.data.n_samples)
         self.on_register(registration)
 
     def _update(self, device: str, meta: dict, blob: bytes) -> None:
-        msg = validate_message(meta, "update")
+        msg = validate_message(meta, "update")  # every number in range (bitfleet.protocol)
         if msg["job_id"] != self.job_id:
             raise ProtocolError("wrong_job", f"update for job {msg['job_id']}")
         board_s = msg.get("board_seconds")
-        trial = msg.get("trial")
-        self.updates.put(
-            Update(
-                device=device,
-                round=int(msg["round"]),
-                n_samples=int(msg["n_samples"]),
-                train_loss=float(msg["train_loss"]),
-                train_seconds=float(msg["train_seconds"]),
-                board_seconds=max(0.0, float(board_s)) if _is_number(board_s) else None,
-                trial=trial if isinstance(trial, int) and not isinstance(trial, bool) else None,
-                state=unpack_state(blob),
-                payload_bytes=len(blob),
-            )
+        update = Update(
+            device=device,
+            round=msg["round"],
+            n_samples=msg["n_samples"],
+            train_loss=float(msg["train_loss"]),
+            train_seconds=float(msg["train_seconds"]),
+            board_seconds=None if board_s is None else float(board_s),
+            trial=msg.get("trial"),
+            state=unpack_state(blob),
+            payload_bytes=len(blob),
         )
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        # It answered: whatever presence said, it is there (docs/round.md#presence).
+        self.store.set_online(device, True)
+        self.updates.put(update)

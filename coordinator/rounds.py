@@ -25,11 +25,11 @@ from bitfleet.board_time import transfer_seconds
 from bitfleet.protocol import Topics, make_message, pack_state, split_payload
 from bitfleet.registration import Registration
 
-from .aggregation import make_aggregator
+from .aggregation import capped_weights, make_aggregator
 from .config import JobConfig
 from .intake import Intake, Update
 from .state import StateStore
-from .validation import Reference, UpdateValidator
+from .validation import Reference, UpdateValidator, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,13 @@ class RoundRunner:
                     topic, split_payload("task", message, blob), wait=False
                 )
 
+    def weights(self, selected: Iterable[str]) -> dict[str, float]:
+        """The weight each selected device's update will have: its registered sample count,
+        capped at `[server] max_weight_share` of the round (docs/round.md#weights)."""
+        boards = self.registrations()
+        counts = {d: boards[d].data.n_samples for d in selected if d in boards}
+        return capped_weights(counts, self.cfg.server.max_weight_share)
+
     def _collect(
         self,
         rnd: int,
@@ -174,24 +181,63 @@ class RoundRunner:
         reference: dict[str, torch.Tensor],
         trial: int | None,
     ) -> tuple[Any, dict[str, Update], float, float]:
-        """Fold the round's updates as they arrive until all, or quorum by the deadline."""
+        """Fold the round's updates as they arrive until all, or quorum by the deadline.
+
+        An update counts only with the sample count its device registered (the weights are
+        fixed at dispatch from those counts), and while the validator has too few norms to
+        judge by, the first updates wait in `held` until the round's own norms can judge them.
+        A selected device with no update taken by the round's end is marked offline and not
+        selected again until it registers or answers (docs/round.md#presence).
+        """
         rc = self.cfg.rounds
         drop = self.intake.drop
         aggregate = make_aggregator(
             self.cfg.server.aggregation, reference, trim=self.cfg.server.trim
         )
         judge_by = Reference(reference)  # flattened once for all of the round's updates
+        weights = self.weights(selected)
         received: dict[str, Update] = {}
+        held: list[tuple[Update, Verdict]] = []
         quorum = max(1, math.ceil(rc.quorum * len(selected)))
         deadline = time.monotonic() + rc.deadline_s
         wait_s = fold_s = 0.0
-        while len(received) < len(selected) and not self.stop.is_set():
+
+        def fold(upd: Update, verdict: Verdict) -> None:
+            if verdict.reason is not None:
+                drop(verdict.reason, f"update/{upd.device}", verdict.detail)
+                return
+            if trial is None and not self.store.record_update(
+                rnd, upd.device, upd.n_samples, upd.train_loss, upd.train_seconds
+            ):
+                drop("duplicate", f"update/{upd.device}", f"round {rnd}")
+                return
+            try:
+                aggregate.add(verdict.update, weights[upd.device])  # checked: not again
+            except ValueError as exc:
+                drop("bad_update", f"update/{upd.device}", exc)
+                return
+            if trial is None:  # a trial's short update must not set the norm scale
+                self.validator.observe(verdict)
+            if verdict.scale < 1:
+                log.warning("round %d: clipped %s's update: %s", rnd, upd.device, verdict.detail)
+            received[upd.device] = upd
+            self._outstanding.pop(upd.device, None)
+
+        def release(final: bool) -> None:
+            """Judge the held updates once the round's norms can (or the round is over)."""
+            limit = self.validator.threshold([v.norm or 0.0 for _, v in held], final=final)
+            if held and (limit is not None or final):
+                for upd, verdict in held:
+                    fold(upd, self.validator.decide(verdict, judge_by, limit))
+                held.clear()
+
+        while len(received) + len(held) < len(selected) and not self.stop.is_set():
             now = time.monotonic()
-            if now >= deadline and len(received) >= quorum:
+            if now >= deadline and len(received) + len(held) >= quorum:
                 break
             if now >= deadline + rc.deadline_s:  # a second deadline without quorum: go on
                 log.warning("round %d: only %d of %d updates", rnd, len(received), quorum)
-                if received:
+                if received or held:
                     break
                 deadline = now + rc.deadline_s
             t_wait = time.perf_counter()
@@ -202,36 +248,38 @@ class RoundRunner:
                 continue
             wait_s += time.perf_counter() - t_wait
             t_fold = time.perf_counter()
-            if upd.round != rnd or upd.device not in selected or upd.trial != trial:
+            if upd.round != rnd or upd.device not in weights or upd.trial != trial:
                 drop("late_or_unexpected", f"update/{upd.device}", f"round {upd.round}")
+                continue
+            registered = self.registrations()[upd.device].data.n_samples
+            if upd.n_samples != registered:
+                why = f"{upd.n_samples} samples, registered {registered}"
+                drop("sample_count", f"update/{upd.device}", why)
+                continue
+            if upd.device in received or any(h.device == upd.device for h, _ in held):
+                drop("duplicate", f"update/{upd.device}", f"round {rnd}")
                 continue
             # Before record_update: a forged update must not use up the device's slot.
             verdict = self.validator.check(upd.state, judge_by)
-            if verdict.reason is not None:
-                drop(verdict.reason, f"update/{upd.device}", verdict.detail)
-                continue
-            if upd.device in received or (
-                trial is None
-                and not self.store.record_update(
-                    rnd, upd.device, upd.n_samples, upd.train_loss, upd.train_seconds
-                )
-            ):
-                drop("duplicate", f"update/{upd.device}", f"round {rnd}")
-                continue
-            try:
-                aggregate.add(verdict.update, float(upd.n_samples))  # checked: not again
-            except ValueError as exc:
-                drop("bad_update", f"update/{upd.device}", exc)
-                continue
-            if trial is None:  # a trial's short update must not set the norm scale
-                self.validator.observe(verdict)
-            if verdict.scale < 1:
-                log.warning("round %d: clipped %s's update: %s", rnd, upd.device, verdict.detail)
-            received[upd.device] = upd
-            self._outstanding.pop(upd.device, None)
+            if verdict.pending:
+                held.append((upd, verdict))
+                release(final=False)
+            else:
+                fold(upd, verdict)
             fold_s += time.perf_counter() - t_fold
+        release(final=True)
         self._outstanding = {}
+        if not self.stop.is_set():
+            self._mark_missing(rnd, [d for d in selected if d not in received])
         return aggregate, received, wait_s, fold_s
+
+    def _mark_missing(self, rnd: int, missing: list[str]) -> None:
+        """Presence that does not rest on the last will: a device that did not deliver is
+        offline until it registers or an update of its arrives (`Intake`)."""
+        for device in missing:
+            self.store.set_online(device, False)
+        if missing:
+            log.warning("round %d: no update from %s; offline until heard from", rnd, missing)
 
     def simulated_seconds(self, updates: Iterable[Update], payload_bytes: int) -> float:
         """The round's wall clock on the real boards: the slowest participant

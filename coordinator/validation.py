@@ -16,8 +16,12 @@ is not known when its first updates must be judged. The median therefore comes f
 window of the norms of the last `window` accepted updates, across rounds: the first arrivals of a
 round are judged against the previous rounds. Deltas shrink as training converges, so a window
 reaching back into earlier rounds errs on the lenient side, never towards rejecting honest
-devices. Until `min_history` norms are known nothing is judged by norm. The median stays honest
-while fewer than half of the remembered updates are hostile (the rule's breakdown point).
+devices. Until `min_history` norms are remembered (the first round, a fresh job), an update is
+judged against the round's own norms instead: `check` says `pending`, the round runner holds the
+update (at most `min_history` of them), and `decide` judges the held ones once the round has
+`min_history` norms, or at the round's end with what it has. The median is the low median, so
+with two norms the smaller judges the larger. It stays honest while fewer than half of the
+norms it is taken over are hostile (the rule's breakdown point).
 
 Cost: every check works on the update's floating tensors flattened into one vector, measured
 against the global model flattened once per round (`Reference`), so it is a handful of torch
@@ -32,8 +36,8 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -85,6 +89,8 @@ class Verdict:
     norm: float | None = None
     scale: float = 1.0
     update: CheckedUpdate | None = None
+    pending: bool = False
+    """Well-formed, but not judged by norm yet: too few norms are known (see `decide`)."""
 
     @property
     def accepted(self) -> bool:
@@ -136,7 +142,7 @@ class UpdateValidator:
 
     def __init__(
         self,
-        mode: str = "clip",
+        mode: str = "reject",
         factor: float = 10.0,
         min_history: int = 5,
         window: int = 100,
@@ -152,21 +158,31 @@ class UpdateValidator:
         self.min_history = min_history
         self._norms: deque[float] = deque(maxlen=window)
 
-    def threshold(self) -> float | None:
+    def threshold(self, round_norms: Sequence[float] = (), final: bool = False) -> float | None:
         """The norm above which an update is an outlier now; None while it is not judged.
 
-        None with the rule off, with fewer than `min_history` accepted norms, or when their
-        median is 0 (every device sent the global model back: there is no scale to judge by).
+        With fewer than `min_history` remembered norms, the round's held `round_norms` count
+        too, and `final` (the round is over) judges with however many there are. None with the
+        rule off, with too few norms, or when their median is 0 (every device sent the global
+        model back: there is no scale to judge by).
         """
-        if self.mode == "off" or len(self._norms) < self.min_history:
+        norms = list(self._norms)
+        if len(norms) < self.min_history:
+            norms += round_norms
+        if self.mode == "off" or not norms or (len(norms) < self.min_history and not final):
             return None
-        median = statistics.median(self._norms)
+        median = statistics.median_low(norms)
         return self.factor * median if median > 0 else None
+
+    def judging(self) -> bool:
+        """Whether `check` judges by norm on arrival (False: updates come back `pending`)."""
+        return self.mode == "off" or len(self._norms) >= self.min_history
 
     def check(
         self, state: Mapping[str, Tensor], reference: Mapping[str, Tensor] | Reference
     ) -> Verdict:
-        """Judge `state` against the global model `reference` it was trained from.
+        """Judge `state` against the global model `reference` it was trained from; `pending`
+        while too few norms are remembered to judge by (`decide` finishes it).
 
         Pass a `Reference` built once for the round: a plain state is flattened on every call.
         """
@@ -178,10 +194,19 @@ class UpdateValidator:
             return Verdict(refused.reason, refused.detail)
         if self.mode == "off":
             return Verdict(None, state=state, update=update)
-        norm = reference.distance(update.vector)
-        limit = self.threshold()
+        verdict = Verdict(None, state=state, norm=reference.distance(update.vector), update=update)
+        if not self.judging():
+            return replace(verdict, pending=True)
+        return self.decide(verdict, reference, self.threshold())
+
+    def decide(self, verdict: Verdict, reference: Reference, limit: float | None) -> Verdict:
+        """Judge a well-formed update by its norm against `limit` (None: accept as it is)."""
+        norm, update, state = verdict.norm, verdict.update, verdict.state
+        if norm is None or update is None or state is None:
+            raise ValueError("decide takes a well-formed verdict of check's, with its norm")
+        accepted = Verdict(None, state=state, norm=norm, update=update)
         if limit is None or norm <= limit:
-            return Verdict(None, state=state, norm=norm, update=update)
+            return accepted
         detail = f"delta norm {norm:.4g} > {self.factor:g} x median = {limit:.4g}"
         if self.mode == "reject":
             return Verdict("norm_outlier", detail, norm=norm)
@@ -192,8 +217,8 @@ class UpdateValidator:
 
     def observe(self, verdict: Verdict) -> None:
         """Remember an aggregated update's norm (after clipping) for the median of later ones."""
-        if not verdict.accepted:
-            raise ValueError(f"a refused update ({verdict.reason}) must not be observed")
+        if not verdict.accepted or verdict.pending:
+            raise ValueError(f"a refused or unjudged update ({verdict.reason}) is not observed")
         if verdict.norm is not None:
             self._norms.append(verdict.norm * verdict.scale)
 

@@ -26,8 +26,8 @@ import re
 import struct
 import time
 import uuid
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,13 +138,20 @@ class Reassembler:
 
     Memory is bounded by `max_partial * max_bytes` (plus bookkeeping): a payload declaring more
     than `max_bytes` or `max_chunks` is refused at its first chunk, at most `max_partial`
-    payloads are in progress at once (a new one evicts the least recently active), and one that
-    receives nothing for `timeout_s` is dropped. Ids of the last `remember` completed payloads are
-    kept so that a QoS 1 redelivery of a chunk does not produce the payload a second time.
+    payloads are in progress at once, and one that receives nothing for `timeout_s` is dropped.
+    Ids of the last `remember` completed payloads are kept so that a QoS 1 redelivery of a
+    chunk does not produce the payload a second time.
 
-    Pass the topic as `source` when chunks from several senders share one reassembler: payloads
-    are keyed by (source, payload_id), so one device cannot interfere with another's upload.
-    A coordinator that receives from N devices at once needs `max_partial >= N`.
+    Pass the sender (device id) as `source` when several share one reassembler: payloads are
+    keyed by (source, payload_id), and each source has quotas, so that one sender's flood costs
+    only that sender's uploads (docs/protocol.md#reassembly-quotas):
+    - `max_source_bytes`: the declared sizes of one source's payloads in progress; a new payload
+      that would exceed it evicts that source's oldest ones first;
+    - `slot_of(meta)`: payloads of one source whose metas give the same slot (an update's round)
+      replace each other: a sender that starts an upload over abandons the old one;
+    - when `max_partial` is reached, the oldest payload of the source holding the most declared
+      bytes goes, never one of a source within a fair share.
+    `evicted` counts the payloads evicted (not expired) per source.
     Not thread-safe; call it from one thread (the MQTT network thread, or one worker).
     """
 
@@ -157,9 +164,16 @@ class Reassembler:
         max_chunk: int = MAX_CHUNK,
         max_partial: int = 64,
         remember: int = 1024,
+        max_source_bytes: int | None = None,
+        slot_of: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         if max_bytes < 0 or max_chunks < 1 or timeout_s <= 0 or max_chunk < 1 or max_partial < 1:
             raise ValueError("Reassembler limits must be positive")
+        if max_source_bytes is not None and max_source_bytes < max_bytes:
+            raise ValueError("max_source_bytes must hold at least one payload of max_bytes")
+        self.max_source_bytes = max_source_bytes
+        self.slot_of = slot_of
+        self.evicted: Counter[str] = Counter()
         self.max_bytes = max_bytes
         self.max_chunks = max_chunks
         self.timeout_s = timeout_s
@@ -240,14 +254,7 @@ class Reassembler:
         self.expire(now)
         partial = self._partials.get(key)
         if partial is None:
-            if len(self._partials) >= self.max_partial:
-                oldest = min(self._partials, key=lambda k: self._partials[k].last_seen)
-                log.warning(
-                    "dropping incomplete payload %s from %r: too many in progress",
-                    oldest[1],
-                    oldest[0],
-                )
-                del self._partials[oldest]
+            self._make_room(source, header)
             partial = _Partial(
                 kind=header["kind"],
                 count=header["count"],
@@ -272,6 +279,41 @@ class Reassembler:
         if len(partial.parts) < partial.count:
             return None
         return self._complete(key, partial)
+
+    def _make_room(self, source: str, header: dict[str, Any]) -> None:
+        """Evict what a new payload of `source` displaces, from `source` itself where it can."""
+        mine = sorted(
+            (k for k in self._partials if k[0] == source), key=lambda k: self._partials[k].last_seen
+        )
+        meta = header.get("meta")
+        slot_of = self.slot_of
+        if slot_of is not None and isinstance(meta, dict):
+            slot = slot_of(meta)
+            same = [k for k in mine if (m := self._partials[k].meta) and slot_of(m) == slot]
+            for key in same:
+                self._evict(key, "a newer upload for the same slot started")
+                mine.remove(key)
+        if self.max_source_bytes is not None:
+            held = sum(self._partials[k].size for k in mine)
+            while mine and held + header["size"] > self.max_source_bytes:
+                oldest = mine.pop(0)
+                held -= self._partials[oldest].size
+                self._evict(oldest, f"its uploads would exceed {self.max_source_bytes} bytes")
+        if len(self._partials) >= self.max_partial:
+            bytes_of: Counter[str] = Counter()
+            for (src, _), p in self._partials.items():
+                bytes_of[src] += p.size
+            heaviest = max(bytes_of, key=lambda src: (bytes_of[src], src == source))
+            victim = min(
+                (k for k in self._partials if k[0] == heaviest),
+                key=lambda k: self._partials[k].last_seen,
+            )
+            self._evict(victim, "too many uploads in progress, this source holds the most")
+
+    def _evict(self, key: tuple[str, str], why: str) -> None:
+        del self._partials[key]
+        self.evicted[key[0]] += 1
+        log.warning("dropping incomplete payload %s from %r: %s", key[1], key[0], why)
 
     @staticmethod
     def _check_agrees(partial: _Partial, header: dict[str, Any]) -> None:

@@ -35,6 +35,17 @@ SCHEMA_VERSION = 1
 #: Control messages are small; anything larger travels as chunks (`bitfleet.protocol.chunks`).
 MAX_MESSAGE_BYTES = 64 * 1024
 
+#: The largest integer any message may carry: exact in a JSON double and in SQLite's INTEGER,
+#: so a hostile 2**63 is refused here instead of crashing whoever stores it.
+MAX_INT = 2**53 - 1
+
+#: Plausible ranges of the fields that feed arithmetic (docs/protocol.md#field-ranges).
+MAX_SAMPLES = 10**9
+MAX_ROUND = 10**7
+MAX_SECONDS = 1e7
+"""About four months: longer than any round's training or deadline."""
+MAX_NUMBER = 1e15
+
 Check = Callable[[Any, str], None]
 
 
@@ -66,26 +77,28 @@ def _bool(value: Any, path: str) -> None:
         _fail("bad_type", path, f"expected true or false, got {type(value).__name__}")
 
 
-def _int(lo: int | None = None, hi: int | None = None) -> Check:
+def _int(lo: int = -MAX_INT, hi: int = MAX_INT) -> Check:
+    """An integer in [lo, hi]; every integer field has a range, 64-bit safe by default."""
+
     def check(value: Any, path: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail("bad_type", path, f"expected an integer, got {type(value).__name__}")
-        if (lo is not None and value < lo) or (hi is not None and value > hi):
+        if not lo <= value <= hi:
             _fail("bad_value", path, f"{value} is outside [{lo}, {hi}]")
 
     return check
 
 
-def _number(lo: float | None = None, positive: bool = False) -> Check:
-    """A finite JSON number (int or float); `lo` inclusive, `positive` meaning > 0."""
+def _number(lo: float = -MAX_NUMBER, hi: float = MAX_NUMBER, positive: bool = False) -> Check:
+    """A finite JSON number (int or float) in [lo, hi]; `positive` meaning > 0 as well."""
 
     def check(value: Any, path: str) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             _fail("bad_type", path, f"expected a number, got {type(value).__name__}")
         if not math.isfinite(value):
             _fail("bad_value", path, f"{value} is not finite")
-        if (lo is not None and value < lo) or (positive and value <= 0):
-            _fail("bad_value", path, f"{value} is out of range")
+        if not lo <= value <= hi or (positive and value <= 0):
+            _fail("bad_value", path, f"{value} is outside [{lo:g}, {hi:g}]")
 
     return check
 
@@ -124,8 +137,9 @@ def _map_of(item: Check) -> Check:
     return check
 
 
-def _object(fields: Mapping[str, Check]) -> Check:
-    """An object with these required fields; other fields are allowed and not checked."""
+def _object(fields: Mapping[str, Check], optional: Mapping[str, Check] | None = None) -> Check:
+    """An object with these required fields, and `optional` ones checked where present (null
+    counts as absent); other fields are allowed and not checked."""
 
     def check(value: Any, path: str) -> None:
         _dict(value, path)
@@ -134,6 +148,9 @@ def _object(fields: Mapping[str, Check]) -> Check:
             if name not in value:
                 _fail("missing_field", where, "required field is missing")
             field_check(value[name], where)
+        for name, field_check in (optional or {}).items():
+            if value.get(name) is not None:
+                field_check(value[name], f"{path}.{name}" if path else name)
 
     return check
 
@@ -144,9 +161,9 @@ _JOB = _object(
     {
         "model": _nonempty_str,
         "dataset": _nonempty_str,
-        "batch_size": _int(1),
-        "local_epochs": _number(positive=True),
-        "lr": _number(positive=True),
+        "batch_size": _int(1, 2**20),
+        "local_epochs": _number(0, 1e4, positive=True),
+        "lr": _number(0, 1e3, positive=True),
         "optimizer": _nonempty_str,
     }
 )
@@ -157,8 +174,10 @@ _SCHEMAS: dict[str, Check] = {
         {
             "device_id": _device_id,
             "profile": _dict,
-            "data": _object({"n_samples": _int(0), "label_hist": _list_of(_int(0))}),
-            "sent_at": _number(),
+            "data": _object(
+                {"n_samples": _int(0, MAX_SAMPLES), "label_hist": _list_of(_int(0, MAX_SAMPLES))}
+            ),
+            "sent_at": _number(0, 1e11),
         }
     ),
     "assign": _object(
@@ -172,20 +191,22 @@ _SCHEMAS: dict[str, Check] = {
     ),
     "task": _object(
         {
-            "round": _int(0),
+            "round": _int(0, MAX_ROUND),
             "job_id": _nonempty_str,
-            "local_epochs": _number(positive=True),
-            "deadline_s": _number(positive=True),
-        }
+            "local_epochs": _number(0, 1e4, positive=True),
+            "deadline_s": _number(0, MAX_SECONDS, positive=True),
+        },
+        {"trial": _int(0, MAX_ROUND)},
     ),
     "update": _object(
         {
-            "round": _int(0),
+            "round": _int(0, MAX_ROUND),
             "job_id": _nonempty_str,
-            "n_samples": _int(1),
-            "train_loss": _number(),
-            "train_seconds": _number(lo=0.0),
-        }
+            "n_samples": _int(1, MAX_SAMPLES),
+            "train_loss": _number(0, MAX_NUMBER),
+            "train_seconds": _number(0, MAX_SECONDS),
+        },
+        {"board_seconds": _number(0, MAX_SECONDS), "trial": _int(0, MAX_ROUND)},
     ),
     "status": _object({"device_id": _device_id, "online": _bool}),
     "model": _object(

@@ -83,7 +83,8 @@ finite_json = st.recursive(
 device_ids = st.from_regex(DEVICE_ID_PATTERN, fullmatch=True)
 names = st.text(min_size=1, max_size=16)
 bits = st.integers(1, 32)
-positive = st.integers(1, 10**6) | st.floats(min_value=1e-6, max_value=1e9)
+positive = st.integers(1, 10**3) | st.floats(min_value=1e-6, max_value=1e3)
+seconds = st.floats(min_value=0, max_value=1e7)
 
 BODIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "register": st.fixed_dictionaries(
@@ -96,7 +97,7 @@ BODIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
                     "label_hist": st.lists(st.integers(0, 10**9), max_size=12),
                 }
             ),
-            "sent_at": finite,
+            "sent_at": st.floats(min_value=0, max_value=1e11),
         }
     ),
     "assign": st.fixed_dictionaries(
@@ -122,7 +123,7 @@ BODIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
             "round": st.integers(0, 10**6),
             "job_id": names,
             "local_epochs": positive,
-            "deadline_s": positive,
+            "deadline_s": positive | st.floats(min_value=1, max_value=1e7),
         }
     ),
     "update": st.fixed_dictionaries(
@@ -130,8 +131,10 @@ BODIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
             "round": st.integers(0, 10**6),
             "job_id": names,
             "n_samples": st.integers(1, 10**9),
-            "train_loss": finite,
-            "train_seconds": st.floats(min_value=0, max_value=1e9),
+            "train_loss": st.floats(min_value=0, max_value=1e15),
+            "train_seconds": seconds,
+            "board_seconds": st.none() | seconds,
+            "trial": st.none() | st.integers(0, 10**6),
         }
     ),
     "status": st.fixed_dictionaries({"device_id": device_ids, "online": st.booleans()}),
@@ -146,7 +149,8 @@ def valid_messages(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     """(type, body) that the schema accepts, with extra fields a newer sender might add."""
     kind = draw(st.sampled_from(MESSAGE_TYPES))
     body = draw(BODIES[kind])
-    extra_keys = st.text(max_size=8).filter(lambda k: k not in body and k not in ("v", "type"))
+    reserved = ("v", "type", "trial", "board_seconds")  # checked where present
+    extra_keys = st.text(max_size=8).filter(lambda k: k not in body and k not in reserved)
     body.update(draw(st.dictionaries(extra_keys, finite_json, max_size=3)))
     return kind, body
 

@@ -91,7 +91,8 @@ def test_load_profile_by_name_path_and_env(profiles, monkeypatch, profile_copy):
     ("old", "new", "message"),
     [
         ("cores = 4\n", "", r"missing key 'cores'"),
-        ("cores = 4\n", 'cores = "four"\n', r"key 'cores': expected a positive integer"),
+        ("cores = 4\n", 'cores = "four"\n', r"key 'cores': expected an integer in 1..1024"),
+        ("link_mbps = 40.0", "link_mbps = 1e300", r"key 'link_mbps': expected a number in"),
         ("deploy_bits = [8]", "deploy_bits = [16]", r"key 'deploy_bits'"),
         ('preferred_storage = "packed"', 'preferred_storage = "zip"', r"'preferred_storage'"),
         ("qat_overhead = 1.4", "qat_overhead = 0.9", r"key 'qat_overhead'"),
