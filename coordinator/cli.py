@@ -11,6 +11,9 @@ import signal
 import sys
 
 from bitfleet import plugins
+from bitfleet.protocol.credentials import BROKER_ENV, PASSWORD_FILE_HELP, resolve_broker
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--config", required=True, metavar="JOB.toml", help="the job file")
     serve.add_argument(
-        "--broker", default="mqtt://127.0.0.1:1883", metavar="URL", help="MQTT broker URL"
+        "--broker",
+        metavar="URL",
+        help=f"mqtt://[user@]host[:port] or mqtts://... (default ${BROKER_ENV}, else "
+        f"{DEFAULT_BROKER}); the password does not belong here (see --password-file)",
     )
+    serve.add_argument("--password-file", metavar="PATH", help=PASSWORD_FILE_HELP)
     serve.add_argument("--ca-file", help="CA certificate for mqtts://")
     serve.set_defaults(run=run_serve)
     for add_action in plugins.load_all("bitfleet.coordinator_actions").values():
@@ -34,11 +41,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from bitfleet.data.availability import check_available
+
     from .checkpoint import CheckpointError
     from .config import load_job_config
     from .server import Coordinator, RoundReport
+    from .state import check_state_dir
 
     cfg = load_job_config(args.config)
+    # What the operator has to fix is found before connecting, not rounds into the job.
+    address = resolve_broker(args.broker, args.password_file, default=DEFAULT_BROKER)
+    check_state_dir(cfg.job.state_dir)
+    check_available(cfg.data.dataset, cfg.data.data_dir)
 
     def show(r: RoundReport) -> None:
         deploy = " ".join(f"{b}b {a:.4f}" for b, a in r.acc_deploy.items())
@@ -49,10 +63,10 @@ def run_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    coordinator = Coordinator(cfg, args.broker, ca_file=args.ca_file, on_round=show)
+    coordinator = Coordinator(cfg, address, ca_file=args.ca_file, on_round=show)
     signal.signal(signal.SIGTERM, lambda *_: coordinator.stop())
     try:
-        coordinator.run()
+        result = coordinator.run()
     except CheckpointError as exc:
         # A full or read-only disk is the operator's to fix: what and where, not a traceback.
         # The last checkpoint is intact, so the same command resumes once the disk is fixed.
@@ -60,3 +74,8 @@ def run_serve(args: argparse.Namespace) -> int:
             raise
         print(f"bitfleet: error: {exc}", file=sys.stderr)
         return 1
+    for device, path in sorted(result.exported.items()):
+        print(f"model for {device}: {path}", flush=True)
+    for device, why in sorted(result.export_failures.items()):
+        print(f"bitfleet: no model for {device}: {why}", file=sys.stderr, flush=True)
+    return 1 if result.export_failures else 0

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from bitfleet.protocol import (
-    MAX_CHUNK,
     ProtocolError,
     Reassembler,
     Topics,
@@ -36,6 +35,10 @@ MAX_CONCURRENT_UPLOADS = 4096
 UPLOADS_PER_DEVICE = 2
 """Each device's byte quota, in updates: one upload in flight, and the next one starting
 while a redelivered chunk of the last is still on its way (docs/protocol.md#reassembly-quotas)."""
+
+
+MIN_UPLOAD_CHUNK = 1024
+"""The smallest chunk an agent uploads in (`agent run --chunk-kib 1`)."""
 
 
 def update_limit(tensor_bytes: int) -> int:
@@ -85,7 +88,7 @@ class Intake:
         limit = update_limit(update_bytes)
         self.reassembler = Reassembler(
             max_bytes=limit,
-            max_chunks=limit // MAX_CHUNK + 1,
+            max_chunks=limit // MIN_UPLOAD_CHUNK + 1,
             timeout_s=600,
             max_partial=MAX_CONCURRENT_UPLOADS,
             max_source_bytes=UPLOADS_PER_DEVICE * limit,

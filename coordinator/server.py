@@ -27,7 +27,7 @@ from typing import Any
 
 from bitfleet.assignment import Assignment
 from bitfleet.data import DATASET_SPECS, ImageData, load_dataset
-from bitfleet.protocol import MqttTransport, Topics, encode_message, parse_broker_url
+from bitfleet.protocol import BrokerAddress, MqttTransport, Topics, encode_message, parse_broker_url
 from bitfleet.quant.modules import BitMap
 from bitfleet.registration import Registration
 
@@ -94,7 +94,7 @@ class Coordinator:
     def __init__(
         self,
         cfg: JobConfig,
-        broker_url: str | None,
+        broker_url: str | BrokerAddress | None,
         *,
         ca_file: str | None = None,
         on_round: Callable[[RoundReport], None] | None = None,

@@ -29,6 +29,7 @@ __all__ = [
     "AssignmentRecord",
     "DeviceRecord",
     "StateStore",
+    "check_state_dir",
 ]
 
 STATE_DB_NAME = "state.sqlite"
@@ -105,20 +106,56 @@ class AssignmentRecord:
     assigned_at: float
 
 
+def check_state_dir(state_dir: str | Path) -> Path:
+    """`state_dir` if a job can keep its state there; else ValueError saying what is in the way.
+
+    Run before anything connects: a path that is a file (a typo, or `state.sqlite` given as the
+    directory) would otherwise surface as a bare OS error from deep inside the start-up.
+    """
+    path = Path(state_dir)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"[job] state_dir {path}: {parent} is a file, not a directory; "
+                    "name a directory (it is created if missing)"
+                )
+            break
+    db = path / STATE_DB_NAME
+    if db.exists() and not db.is_file():
+        raise ValueError(f"[job] state_dir {path}: {db} is not a file; move it away")
+    return path
+
+
 class StateStore:
     """SQLite-backed state of one job; safe to share between threads of one process."""
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.RLock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a SELECT that decides an
-        # UPDATE runs inside the same transaction.
-        self._conn = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=10.0
-        )
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a SELECT that decides
+            # an UPDATE runs inside the same transaction.
+            self._conn = sqlite3.connect(
+                str(self.path), isolation_level=None, check_same_thread=False, timeout=10.0
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise self._unusable(exc) from exc
         self._conn.row_factory = sqlite3.Row
+        try:
+            self._open_schema()
+        except (OSError, sqlite3.Error) as exc:
+            self._conn.close()
+            raise self._unusable(exc) from exc
+
+    def _unusable(self, exc: BaseException) -> ValueError:
+        # A file in place of the directory, a read-only disk, a file that is not SQLite: the
+        # operator's to fix, so a ValueError that `bitfleet` reports in one line.
+        return ValueError(f"cannot open the job's state store {self.path}: {exc}")
+
+    def _open_schema(self) -> None:
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA foreign_keys=ON")

@@ -36,6 +36,7 @@ from bitfleet.profiles import (
     profile_summary,
 )
 from bitfleet.protocol import (
+    BrokerAddress,
     MqttTransport,
     ProtocolError,
     Reassembler,
@@ -65,7 +66,8 @@ MAX_DOWNLOAD_BYTES = 256 * 2**20
 
 @dataclass
 class AgentOptions:
-    broker: str
+    broker: str | BrokerAddress
+    """A URL, or the address `bitfleet.protocol.resolve_broker` read its password into."""
     data: str
     device_id: str | None = None
     dataset: str = "fashion-mnist"

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 import signal
 
-from bitfleet.protocol import parse_broker_url
+from bitfleet.protocol.credentials import BROKER_ENV, PASSWORD_FILE_HELP, resolve_broker
+
+#: `--data NAME:I/N`, part I of N of a named data set (as `agent.load_local_data` reads it).
+_NAMED_PART = re.compile(r"([a-z0-9-]+):(\d+)/(\d+)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "updates, and stores the final quantized ONNX model. Reconnects on broker loss.",
     )
     run.add_argument(
-        "--broker", required=True, metavar="URL", help="mqtt://[user:pass@]host[:port] or mqtts://"
+        "--broker",
+        metavar="URL",
+        help=f"mqtt://[user@]host[:port] or mqtts://... (default ${BROKER_ENV}); the password "
+        "does not belong here (see --password-file)",
     )
+    run.add_argument("--password-file", metavar="PATH", help=PASSWORD_FILE_HELP)
     run.add_argument(
         "--data",
         required=True,
@@ -57,14 +65,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    from bitfleet.data.availability import check_available
+
     from .agent import AgentOptions, EdgeAgent
 
-    parse_broker_url(args.broker)  # a bad URL fails before any slow set-up
+    # Bad settings fail here, in one line, before any slow set-up or connection.
+    address = resolve_broker(args.broker, args.password_file)
     if not 1 <= args.chunk_kib <= 1024:
         raise ValueError(f"--chunk-kib must be in 1..1024, got {args.chunk_kib}")
+    named = _NAMED_PART.fullmatch(args.data)
+    if named is None:
+        check_available(args.dataset, args.data)
+    else:
+        check_available(named.group(1))
     agent = EdgeAgent(
         AgentOptions(
-            broker=args.broker,
+            broker=address,
             data=args.data,
             device_id=args.device_id,
             dataset=args.dataset,

@@ -70,14 +70,31 @@ def _job_defaults(checkpoint: Path) -> dict:
     for folder in (checkpoint, *checkpoint.parents[:3]):
         job = folder / "job.json"
         if job.is_file():
-            return json.loads(job.read_text())
+            try:
+                return json.loads(job.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise ValueError(f"{job}: not a job file the coordinator wrote ({exc})") from None
     return {}
 
 
+def _check_out(out: Path) -> None:
+    """Fail before the slow checkpoint load and calibration if `out` cannot be written."""
+    if out.is_dir():
+        raise ValueError(f"--out {out}: a directory; name the .onnx file to write")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+            return
+
+
 def run_export(args: argparse.Namespace) -> int:
+    from safetensors import SafetensorError
+
     from .checkpoint_model import load_for_export
     from .verify import verify_export
 
+    _check_out(Path(args.out))
     ckpt = Path(args.checkpoint)
     job = _job_defaults(ckpt if ckpt.is_dir() else ckpt.parent)
     model_name = args.model or job.get("model", {}).get("name", "lenet5")
@@ -87,18 +104,21 @@ def run_export(args: argparse.Namespace) -> int:
         if args.strategy != "ptq"
         else job.get("allocation", {}).get("strategy", "ptq")
     )
-    loaded = load_for_export(
-        ckpt,
-        model_name,
-        dataset,
-        strategy=strategy,
-        bits=args.bits,
-        device=args.device,
-        per_layer_bits=args.per_layer_bits,
-        storage=args.storage,
-        activations=args.activations,
-        data_dir=args.data_dir,
-    )
+    try:
+        loaded = load_for_export(
+            ckpt,
+            model_name,
+            dataset,
+            strategy=strategy,
+            bits=args.bits,
+            device=args.device,
+            per_layer_bits=args.per_layer_bits,
+            storage=args.storage,
+            activations=args.activations,
+            data_dir=args.data_dir,
+        )
+    except SafetensorError as exc:  # the only file format read_state parses
+        raise ValueError(f"--checkpoint {ckpt}: not a safetensors checkpoint ({exc})") from None
     result = loaded.export(Path(args.out), calib=args.calib)
     print(
         f"wrote {result.path} ({result.bytes} bytes): {loaded.describe()}"

@@ -11,9 +11,14 @@ in one step, into one directory:
     passwd                    Mosquitto 2 password file, PBKDF2-SHA512 (`$7$`) entries
     acl                       coordinator: everything under <prefix>/<fleet>/#; devices: `%u` rules
     mosquitto.conf            TLS listener, password_file, acl_file, persistence under data/
-    coordinator.env           BITFLEET_BROKER and --ca-file for the coordinator's systemd unit
+    coordinator.env           BITFLEET_BROKER (no password) and --ca-file for its systemd unit
+    coordinator.password      the coordinator's password, for the unit's LoadCredential=
     devices/<id>.env          one agent env file per board (deploy/README.md, /etc/bitfleet/)
+    devices/<id>.password     each board's password, for the agent unit's LoadCredential=
     credentials.json          every password in one place, for tools (0600, like every secret)
+
+Passwords live in files of their own, never in a URL: a URL ends up on command lines, where every
+local user can read it (docs/security.md#broker-credentials).
 
 The certificates come from `certificates`, the Mosquitto files from `broker_config`; the
 command line is `provision_cli` (offered as `bitfleet coordinator provision` through the
@@ -22,6 +27,7 @@ command line is `provision_cli` (offered as `bitfleet coordinator provision` thr
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
@@ -32,7 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bitfleet.protocol import Topics, validate_device_id
+from bitfleet.protocol import BrokerAddress, Topics, parse_broker_url, validate_device_id
 
 from .broker_config import (
     COORDINATOR_USER,
@@ -57,6 +63,9 @@ __all__ = [
 
 #: Where the deployed agent expects the CA (deploy/README.md, section 3).
 AGENT_CA_PATH = "/etc/bitfleet/ca.crt"
+#: Where the units' LoadCredential= reads each role's password (deploy/systemd/*.service).
+AGENT_PASSWORD_PATH = "/etc/bitfleet/broker-password"
+COORDINATOR_PASSWORD_PATH = "/etc/bitfleet/coordinator-password"
 
 #: Every file `provision` writes at the top of DIR; any of them present means DIR is in use.
 OUTPUT_FILES = (
@@ -68,6 +77,7 @@ OUTPUT_FILES = (
     "acl",
     "mosquitto.conf",
     "coordinator.env",
+    "coordinator.password",
     "credentials.json",
 )
 
@@ -97,11 +107,36 @@ class Provisioned:
     def ca_file(self) -> Path:
         return self.out / "ca.crt"
 
+    def password(self, user: str) -> str:
+        """The password of `user` (a device id or COORDINATOR_USER)."""
+        return self.coordinator_password if user == COORDINATOR_USER else self.devices[user]
+
+    def password_file(self, user: str) -> Path:
+        """The 0600 file holding `user`'s password: what `--password-file` and the units'
+        LoadCredential= read, so the password stays off every command line."""
+        if user == COORDINATOR_USER:
+            return self.out / "coordinator.password"
+        self.devices[user]  # KeyError for an unknown device, like `password`
+        return self.out / "devices" / f"{user}.password"
+
+    def public_url(self, user: str, host: str | None = None) -> str:
+        """`mqtts://user@host:port`: the account without its password, safe for argv and logs."""
+        self.password(user)  # KeyError for an unknown device
+        return f"mqtts://{user}@{self._host(user, host)}:{self.port}"
+
+    def address(self, user: str, host: str | None = None) -> BrokerAddress:
+        """Where and how `user` logs in, password included, for callers in this process."""
+        address = parse_broker_url(self.public_url(user, host))
+        return dataclasses.replace(address, password=self.password(user))
+
     def url(self, user: str, host: str | None = None) -> str:
-        """`mqtts://user:password@host:port` for `user` (a device id or COORDINATOR_USER)."""
-        password = self.coordinator_password if user == COORDINATOR_USER else self.devices[user]
+        """`mqtts://user:password@host:port`, for callers in this process only: on a command
+        line the password would be readable by every local user (use `public_url` there)."""
+        return f"mqtts://{user}:{self.password(user)}@{self._host(user, host)}:{self.port}"
+
+    def _host(self, user: str, host: str | None) -> str:
         host = host or (self.coordinator_host if user == COORDINATOR_USER else self.hosts[0])
-        return f"mqtts://{user}:{password}@{_url_host(host)}:{self.port}"
+        return _url_host(host)
 
     @property
     def coordinator_url(self) -> str:
@@ -143,9 +178,11 @@ def _new_password() -> str:
 def _agent_env(p: Provisioned, device: str, agent_ca_path: str) -> str:
     return (
         f"# bitfleet agent settings for device {device} of fleet {p.fleet!r}.\n"
-        "# Install as /etc/bitfleet/agent.env (mode 0640, root:bitfleet) and the fleet's ca.crt\n"
-        f"# as {agent_ca_path}; see deploy/README.md.\n"
-        f"BITFLEET_BROKER={p.url(device)}\n"
+        "# Install as /etc/bitfleet/agent.env (mode 0640, root:bitfleet), the fleet's ca.crt\n"
+        f"# as {agent_ca_path} and devices/{device}.password as {AGENT_PASSWORD_PATH}\n"
+        "# (mode 0600, root), which the unit hands over with LoadCredential=; see\n"
+        "# deploy/README.md. The password is not in this file, nor on the command line.\n"
+        f"BITFLEET_BROKER={p.public_url(device)}\n"
         "BITFLEET_DATA=/srv/bitfleet/data\n"
         f"BITFLEET_FLEET={p.fleet}\n"
         "# Device id = MQTT user name: the broker's ACL lets this board speak only for itself.\n"
@@ -156,8 +193,10 @@ def _agent_env(p: Provisioned, device: str, agent_ca_path: str) -> str:
 def _coordinator_env(p: Provisioned) -> str:
     return (
         f"# bitfleet coordinator settings for fleet {p.fleet!r}: /etc/bitfleet/coordinator.env\n"
-        "# (mode 0640, root:bitfleet); see deploy/README.md.\n"
-        f"BITFLEET_BROKER={p.coordinator_url}\n"
+        "# (mode 0640, root:bitfleet), and coordinator.password as\n"
+        f"# {COORDINATOR_PASSWORD_PATH} (mode 0600, root), which the unit hands over with\n"
+        "# LoadCredential=; see deploy/README.md.\n"
+        f"BITFLEET_BROKER={p.public_url(COORDINATOR_USER)}\n"
         f"BITFLEET_COORDINATOR_ARGS=--ca-file {p.ca_file}\n"
     )
 
@@ -177,7 +216,7 @@ def _write(path: Path, data: str | bytes, mode: int) -> None:
 def _existing_credentials(out: Path) -> list[str]:
     found = [name for name in OUTPUT_FILES if (out / name).exists()]
     devices = out / "devices"
-    if devices.is_dir() and any(devices.glob("*.env")):
+    if devices.is_dir() and (any(devices.glob("*.env")) or any(devices.glob("*.password"))):
         found.append("devices/")
     return found
 
@@ -268,8 +307,8 @@ def provision(
     (out_path / "data").mkdir(mode=0o700, exist_ok=True)
     device_dir = out_path / "devices"
     device_dir.mkdir(mode=0o700, exist_ok=True)
-    for stale in device_dir.glob("*.env"):  # only reached with force: old boards' files
-        stale.unlink()
+    for stale in [*device_dir.glob("*.env"), *device_dir.glob("*.password")]:
+        stale.unlink()  # only reached with force: old boards' files
 
     loopback_bind = bind is None or bind in ("0.0.0.0", "::", *_LOOPBACK)
     result = Provisioned(
@@ -297,6 +336,8 @@ def provision(
     conf = mosquitto_conf_text(out_path, fleet, port, bind, broker_user, len(device_ids))
     _write(out_path / "mosquitto.conf", conf, 0o644)
     _write(out_path / "coordinator.env", _coordinator_env(result), 0o600)
+    for user in accounts:
+        _write(result.password_file(user), accounts[user] + "\n", 0o600)
     for device in device_ids:
         _write(device_dir / f"{device}.env", _agent_env(result, device, agent_ca_path), 0o600)
     credentials = {

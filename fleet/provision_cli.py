@@ -7,7 +7,6 @@ point, so `coordinator/` never imports `fleet`. The work itself is `provision.pr
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(actions: argparse._SubParsersAction) -> None:
@@ -18,7 +17,8 @@ def add_parser(actions: argparse._SubParsersAction) -> None:
         description="Generates a private CA and a server certificate, one password per device "
         "(and one for the coordinator) in a Mosquitto password file, an ACL under which each "
         "device may publish only under its own id and read only its own assignments, tasks and "
-        "model, a TLS-only mosquitto.conf, and an env file for each agent and the coordinator.",
+        "model, a TLS-only mosquitto.conf, and an env file and a password file for each agent and "
+        "the coordinator.",
     )
     provision.add_argument("--fleet", required=True, help="fleet name (topic level)")
     provision.add_argument("--devices", required=True, type=int, metavar="N", help="device count")
@@ -60,24 +60,20 @@ def add_parser(actions: argparse._SubParsersAction) -> None:
 def run_provision(args: argparse.Namespace) -> int:
     from .provision import default_broker_user, provision
 
-    try:
-        result = provision(
-            args.fleet,
-            args.devices,
-            args.out,
-            hosts=args.host,
-            prefix=args.prefix,
-            device_prefix=args.device_prefix,
-            port=args.port,
-            bind=args.bind,
-            days=args.days,
-            agent_ca_path=args.agent_ca_path,
-            broker_user=args.broker_user or default_broker_user(),
-            force=args.force,
-        )
-    except FileExistsError as exc:  # not among the errors `bitfleet` reports without a traceback
-        print(f"bitfleet: error: {exc}", file=sys.stderr)
-        return 1
+    result = provision(
+        args.fleet,
+        args.devices,
+        args.out,
+        hosts=args.host,
+        prefix=args.prefix,
+        device_prefix=args.device_prefix,
+        port=args.port,
+        bind=args.bind,
+        days=args.days,
+        agent_ca_path=args.agent_ca_path,
+        broker_user=args.broker_user or default_broker_user(),
+        force=args.force,
+    )
     out, ids = result.out, list(result.devices)
     span = ids[0] if len(ids) == 1 else f"{ids[0]} .. {ids[-1]}"
     print(
@@ -86,9 +82,11 @@ def run_provision(args: argparse.Namespace) -> int:
         f"  server.crt server.key  broker certificate for {', '.join(result.hosts)}\n"
         f"  passwd acl             accounts (PBKDF2-SHA512) and per-device topic rules\n"
         f"  mosquitto.conf         TLS on port {result.port}, no anonymous access\n"
-        f"  coordinator.env        coordinator's broker URL and --ca-file\n"
-        f"  devices/<id>.env       each board's /etc/bitfleet/agent.env\n"
-        f"  credentials.json       every password (mode 0600, like the keys and env files)\n"
+        f"  coordinator.env        coordinator's broker URL (no password) and --ca-file\n"
+        f"  coordinator.password   its password, for LoadCredential= (deploy/README.md)\n"
+        f"  devices/<id>.env       each board's /etc/bitfleet/agent.env (no password)\n"
+        f"  devices/<id>.password  each board's /etc/bitfleet/broker-password\n"
+        f"  credentials.json       every password (mode 0600, like the keys and password files)\n"
         f"boards connect to mqtts://{result.hosts[0]}:{result.port} (the first --host)\n"
         f"start the broker:\n"
         f"  mosquitto -c {result.conf}"

@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (
         FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
         ValueError,
         KeyError,
         PermissionError,
@@ -54,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         LookupError,
         MissingExtraError,
     ) as exc:
-        # Errors a user can fix (missing data, bad values): the message, not a traceback.
+        # Errors a user can fix (missing data, bad values, a file where a directory belongs):
+        # the message, not a traceback; -v re-raises for the traceback.
         if args.verbose:
             raise
         print(f"bitfleet: error: {exc}", file=sys.stderr)

@@ -17,11 +17,13 @@ from bitfleet.data.image_data import ImageData
 from bitfleet.data.sources import DatasetNotFoundError, cache_dir, user_roots
 from bitfleet.data.specs import CIFAR10, CIFAR100, DatasetSpec
 
-__all__ = ["load_cifar"]
+__all__ = ["SOURCES", "CifarSource", "find_root", "load_cifar"]
 
 
 @dataclass(frozen=True)
-class _Source:
+class CifarSource:
+    """Where one CIFAR data set comes from and what its extracted folder is called."""
+
     spec: DatasetSpec
     title: str
     torchvision_class: str
@@ -29,15 +31,15 @@ class _Source:
     url: str
 
 
-_SOURCES = {
-    "cifar10": _Source(
+SOURCES = {
+    "cifar10": CifarSource(
         CIFAR10,
         "CIFAR-10",
         "CIFAR10",
         "cifar-10-batches-py",
         "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     ),
-    "cifar100": _Source(
+    "cifar100": CifarSource(
         CIFAR100,
         "CIFAR-100",
         "CIFAR100",
@@ -50,7 +52,7 @@ _SOURCES = {
 _log = logging.getLogger(__name__)
 
 
-def _not_found(src: _Source, tried: list[str], extra: str = "") -> DatasetNotFoundError:
+def _not_found(src: CifarSource, tried: list[str], extra: str = "") -> DatasetNotFoundError:
     lines = [
         f"{src.title} not found." + (f" {extra}" if extra else ""),
         f"Looked for {src.folder}/ in:",
@@ -64,7 +66,9 @@ def _not_found(src: _Source, tried: list[str], extra: str = "") -> DatasetNotFou
     return DatasetNotFoundError("\n".join(lines), tried)
 
 
-def _find_root(src: _Source, data_dir: str | Path | None) -> tuple[Path | None, list[str]]:
+def find_root(src: CifarSource, data_dir: str | Path | None) -> tuple[Path | None, list[str]]:
+    """The folder holding `src` (None: nowhere) and each place looked at, in the loader's order:
+    what `load_cifar` reads and `bitfleet.data.availability` checks at start-up."""
     roots = user_roots(data_dir) + [("earlier download", cache_dir())]
     tried: list[str] = []
     for label, root in roots:
@@ -84,8 +88,8 @@ def _find_root(src: _Source, data_dir: str | Path | None) -> tuple[Path | None, 
 
 def load_cifar(name: str, data_dir: str | Path | None = None, download: bool = False) -> ImageData:
     """Load CIFAR-10 (`name="cifar10"`) or CIFAR-100 (`"cifar100"`) as uint8 NCHW tensors."""
-    src = _SOURCES[name]
-    root, tried = _find_root(src, data_dir)
+    src = SOURCES[name]
+    root, tried = find_root(src, data_dir)
     if root is None:
         if not download:
             raise _not_found(src, tried)

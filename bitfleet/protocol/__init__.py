@@ -1,5 +1,6 @@
 """The wire protocol between coordinator and agents: topics, JSON control messages, tensors as
-safetensors, chunked large payloads, and the MQTT connection that carries them.
+safetensors, chunked large payloads, the MQTT connection that carries them, and where a process
+finds its broker and password (`resolve_broker`, docs/security.md#broker-credentials).
 
 Everything a receiver decodes raises only `ProtocolError` on bad input, so one `except` clause
 turns a malformed or hostile message into a log line instead of a crashed process.
@@ -20,6 +21,7 @@ from bitfleet.protocol.chunks import (
     is_chunk,
     split_payload,
 )
+from bitfleet.protocol.credentials import resolve_broker
 from bitfleet.protocol.errors import ProtocolError
 from bitfleet.protocol.messages import (
     MAX_MESSAGE_BYTES,
@@ -56,6 +58,7 @@ __all__ = [
     "make_message",
     "pack_state",
     "parse_broker_url",
+    "resolve_broker",
     "split_payload",
     "unpack_state",
     "validate_device_id",

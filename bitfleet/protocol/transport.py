@@ -48,8 +48,15 @@ class BrokerAddress:
         return f"{'mqtts' if self.tls else 'mqtt'}://{user}{host}:{self.port}"
 
 
-def parse_broker_url(url: str) -> BrokerAddress:
-    """Parse `mqtt://[user[:pass]@]host[:port]` (port 1883) or `mqtts://...` (TLS, port 8883)."""
+def parse_broker_url(url: str | BrokerAddress) -> BrokerAddress:
+    """Parse `mqtt://[user[:pass]@]host[:port]` (port 1883) or `mqtts://...` (TLS, port 8883).
+
+    A `BrokerAddress` is returned as it is: the command lines resolve the password apart from
+    the URL (`credentials.resolve_broker`, docs/security.md#broker-credentials) and hand the
+    result to code that accepts either.
+    """
+    if isinstance(url, BrokerAddress):
+        return url
     try:
         parts = urlsplit(url)
         port = parts.port

@@ -7,7 +7,8 @@ the demo checks each file in onnxruntime against the coordinator's own evaluatio
 
 `--secure` takes the path of a real fleet instead: it provisions one (`coordinator provision`:
 a CA, one password per board, the ACL), starts Mosquitto with the generated TLS-only config,
-and every process logs in over mqtts:// with its own account.
+and every process logs in over mqtts:// with its own account; each agent reads its password from
+its provisioned password file, so no password is on a command line.
 """
 
 from __future__ import annotations
@@ -147,7 +148,13 @@ def _spawn_agents(
             device, connect = f"dev{i}-{board}", ["--broker", url]
         else:  # the device id is the account's user name, which the ACL binds its topics to
             device = list(fleet.devices)[i]
-            connect = ["--broker", fleet.url(device), "--ca-file", str(fleet.ca_file)]
+            # The password goes by file, never in argv: every local user can read a command
+            # line (docs/security.md#broker-credentials).
+            connect = [
+                "--broker", fleet.public_url(device),
+                "--password-file", str(fleet.password_file(device)),
+                "--ca-file", str(fleet.ca_file),
+            ]  # fmt: skip
         cmd = [
             sys.executable, "-m", "bitfleet", "agent", "run",
             *connect,

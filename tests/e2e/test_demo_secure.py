@@ -10,13 +10,23 @@ from pathlib import Path
 
 from fleet.provision import load_provisioned
 from tests.conftest import require_mosquitto
+from tests.proc_cmdline import CmdlineSampler
 from tests.tiny_fmnist import make_tiny_fmnist
+
+
+def _passwords(fleet_dir: Path) -> list[str]:
+    """Every password of the demo's fleet, once it is provisioned; [] before (or mid-write)."""
+    try:
+        fleet = load_provisioned(fleet_dir)
+    except (OSError, ValueError, KeyError):
+        return []
+    return [fleet.coordinator_password, *fleet.devices.values()]
 
 
 def test_demo_secure_runs_over_tls_with_one_account_per_device(tmp_path: Path) -> None:
     """Two agents and the coordinator, each logged in with its own provisioned account
     (Mosquitto's log names the user of every connection), one round, a model per board; no
-    password reaches the demo's output."""
+    password reaches the demo's output, nor any process's command line while it runs."""
     require_mosquitto()
     data = make_tiny_fmnist(tmp_path / "data", n_train=400, n_test=100)
     out = tmp_path / "demo"
@@ -26,7 +36,12 @@ def test_demo_secure_runs_over_tls_with_one_account_per_device(tmp_path: Path) -
         "--out", str(out), "--json", str(summary),
     ]  # fmt: skip
     env = {**os.environ, "BITFLEET_DATA_DIR": str(data)}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+    def is_agent(line: str) -> bool:  # this test's agents: their --out-dir lies under `out`
+        return " agent run " in line and str(out / "devices") in line
+
+    with CmdlineSampler(lambda: _passwords(out / "fleet"), is_agent) as sampler:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "round 1/1" in done.stdout and "mqtts://coordinator@127.0.0.1" in done.stdout
     result = json.loads(summary.read_text())
@@ -38,3 +53,9 @@ def test_demo_secure_runs_over_tls_with_one_account_per_device(tmp_path: Path) -
     broker_log = (out / "logs" / "mosquitto.log").read_text()
     for user in ["coordinator", *fleet.devices]:
         assert f"u'{user}'" in broker_log, broker_log
+
+    # The scan looked at both agents while they ran, and found no password on any command line.
+    assert len(sampler.watched) == 2, (sampler.scans, sampler.watched)
+    for line in sampler.watched.values():
+        assert "--password-file" in line, line
+    assert sampler.leaks == []

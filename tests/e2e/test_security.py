@@ -30,13 +30,14 @@ import pytest
 from cryptography import x509
 
 from bitfleet.cli.main import main
-from bitfleet.protocol import MAX_CHUNK, MqttTransport, Topics, split_payload
+from bitfleet.protocol import MAX_CHUNK, BrokerAddress, MqttTransport, Topics, split_payload
 from fleet.provision import (
     COORDINATOR_USER,
     load_provisioned,
     mosquitto_password_hash,
     provision,
 )
+from tests.proc_cmdline import CmdlineSampler
 
 TOPICS = Topics(fleet="test")
 A, B = "dev0", "dev1"
@@ -119,7 +120,8 @@ def test_provisioned_layout(tmp_path: Path) -> None:
     assert load_provisioned(out) == fleet
 
     secret = ["ca.key", "server.key", "passwd", "coordinator.env", "credentials.json"]
-    secret += [f"devices/{d}.env" for d in fleet.devices]
+    secret += ["coordinator.password"]
+    secret += [f"devices/{d}.{kind}" for d in fleet.devices for kind in ("env", "password")]
     for name in secret:
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600, name
 
@@ -164,16 +166,34 @@ def test_provisioned_layout(tmp_path: Path) -> None:
     for rule in ("write bitfleet/lab/update/%u", "read bitfleet/lab/model/%u"):
         assert f"pattern {rule}" in acl
 
+    # The env files name the account, never its password, which has a file of its own
+    # (docs/security.md#broker-credentials).
     env = (out / "devices" / "dev1.env").read_text()
-    assert f"BITFLEET_BROKER={fleet.url('dev1')}\n" in env
-    assert fleet.url("dev1").startswith("mqtts://dev1:")
-    assert fleet.url("dev1").endswith("@fleet.example.org:8884")
+    assert fleet.public_url("dev1") == "mqtts://dev1@fleet.example.org:8884"
+    assert f"BITFLEET_BROKER={fleet.public_url('dev1')}\n" in env
     assert "BITFLEET_FLEET=lab\n" in env
     assert "BITFLEET_AGENT_ARGS=--device-id dev1 --ca-file /etc/bitfleet/ca.crt\n" in env
     coordinator_env = (out / "coordinator.env").read_text()
-    url = f"mqtts://coordinator:{fleet.coordinator_password}@127.0.0.1:8884"
-    assert f"BITFLEET_BROKER={url}\n" in coordinator_env
+    assert "BITFLEET_BROKER=mqtts://coordinator@127.0.0.1:8884\n" in coordinator_env
     assert f"--ca-file {out / 'ca.crt'}" in coordinator_env
+    for user in [COORDINATOR_USER, *fleet.devices]:
+        password = fleet.password(user)
+        assert fleet.password_file(user).read_text() == password + "\n"
+        assert password not in env + coordinator_env
+        assert fleet.address(user) == BrokerAddress(
+            fleet.coordinator_host if user == COORDINATOR_USER else "fleet.example.org",
+            8884,
+            tls=True,
+            username=user,
+            password=password,
+        )
+    assert fleet.password_file("dev1") == out / "devices" / "dev1.password"
+    assert fleet.password_file(COORDINATOR_USER) == out / "coordinator.password"
+    # In-process callers may still have the whole URL.
+    assert fleet.url("dev1") == f"mqtts://dev1:{fleet.devices['dev1']}@fleet.example.org:8884"
+    assert fleet.coordinator_url == (
+        f"mqtts://coordinator:{fleet.coordinator_password}@127.0.0.1:8884"
+    )
 
 
 def test_refuses_to_overwrite_credentials(tmp_path: Path) -> None:
@@ -184,7 +204,7 @@ def test_refuses_to_overwrite_credentials(tmp_path: Path) -> None:
     assert load_provisioned(out) == first  # untouched
     second = provision("lab", 1, out, hosts=["h"], force=True)
     assert second.devices.keys() == {"dev0"} and second.devices != first.devices
-    assert sorted(p.name for p in (out / "devices").iterdir()) == ["dev0.env"]
+    assert sorted(p.name for p in (out / "devices").iterdir()) == ["dev0.env", "dev0.password"]
 
 
 @pytest.mark.parametrize(
@@ -362,24 +382,39 @@ def test_federation_over_the_provisioned_broker(
     secure_mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Coordinator and agents, each with its own account, through TLS and the ACL: one round,
-    and each board gets its model (chunks of a real ONNX file under max_packet_size)."""
+    and each board gets its model (chunks of a real ONNX file under max_packet_size). The agents
+    get their passwords as the units do, never on the command line: A the URL and password from
+    the environment, B `--broker` without password and `--password-file`; all the while no
+    process shows a password in /proc/PID/cmdline."""
     from coordinator.config import job_config_from_dict
     from coordinator.server import Coordinator
 
     fleet = secure_mosquitto.fleet
     _tiny_fmnist(tmp_path / "data")
     monkeypatch.setenv("BITFLEET_DATA_DIR", str(tmp_path / "data"))
+    for name in ("BITFLEET_BROKER", "BITFLEET_BROKER_PASSWORD", "CREDENTIALS_DIRECTORY"):
+        monkeypatch.delenv(name, raising=False)
+    connect = {
+        A: (
+            [],
+            {"BITFLEET_BROKER": fleet.public_url(A), "BITFLEET_BROKER_PASSWORD": fleet.password(A)},
+        ),
+        B: (["--broker", fleet.public_url(B), "--password-file", str(fleet.password_file(B))], {}),
+    }
     agents = []
     for i, device in enumerate([A, B]):
+        args, env = connect[device]
         cmd = [
-            sys.executable, "-m", "bitfleet", "agent", "run", "--broker", fleet.url(device),
+            sys.executable, "-m", "bitfleet", "agent", "run", *args,
             "--ca-file", str(fleet.ca_file), "--device-id", device, "--fleet", fleet.fleet,
             "--data", f"fashion-mnist:{i}/2", "--partition", "iid", "--profile", "rpi5",
             "--out-dir", str(tmp_path / device), "--threads", "1", "--no-step-measure",
             "--exit-after-model",
         ]  # fmt: skip
         log = (tmp_path / f"{device}.log").open("w")
-        agents.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        agents.append(
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        )
     cfg = job_config_from_dict(
         {
             "job": {"name": "t", "fleet": fleet.fleet, "state_dir": str(tmp_path / "state")},
@@ -390,10 +425,16 @@ def test_federation_over_the_provisioned_broker(
         },
         source="test",
     )
+    secrets = [fleet.coordinator_password, *fleet.devices.values()]
+
+    def is_agent(line: str) -> bool:  # this test's agents: their --out-dir lies in tmp_path
+        return " agent run " in line and str(tmp_path) in line
+
     try:
-        coordinator = Coordinator(cfg, fleet.coordinator_url, ca_file=str(fleet.ca_file))
-        reports = coordinator.run().reports
-        codes = [p.wait(timeout=60) for p in agents]
+        with CmdlineSampler(lambda: secrets, is_agent) as sampler:
+            coordinator = Coordinator(cfg, fleet.coordinator_url, ca_file=str(fleet.ca_file))
+            reports = coordinator.run().reports
+            codes = [p.wait(timeout=60) for p in agents]
     finally:
         for p in agents:
             if p.poll() is None:
@@ -401,6 +442,9 @@ def test_federation_over_the_provisioned_broker(
                 p.wait()
     logs = "".join((tmp_path / f"{d}.log").read_text() for d in (A, B))
     assert codes == [0, 0], logs
+    assert sorted(sampler.watched) == sorted(p.pid for p in agents), sampler.watched
+    assert sampler.leaks == []
+    assert "carries a password" not in logs  # neither agent fell back to a URL's password
     assert [sorted(r.received) for r in reports] == [[A, B]]
     for device in (A, B):
         assert len(list((tmp_path / device).glob("*.onnx"))) == 1

@@ -42,6 +42,7 @@ from bitfleet.protocol import (
     encode_message,
     make_message,
     pack_state,
+    parse_broker_url,
     split_payload,
     unpack_state,
     validate_device_id,
@@ -489,7 +490,7 @@ def test_cli_builds_the_agent_options_and_stops_it_on_sigterm(
     (fake,) = made
     options = fake.options
     assert (options.broker, options.data, options.device_id) == (
-        "mqtts://host:8883",
+        parse_broker_url("mqtts://host:8883"),
         "fashion-mnist:2/6",
         "b7",
     )
