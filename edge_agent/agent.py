@@ -63,6 +63,11 @@ def _say(text: str) -> None:
 
 MAX_DOWNLOAD_BYTES = 256 * 2**20
 
+HEARTBEAT_S = 30.0
+"""How often an idle agent says `online` again: the coordinator marks a board that missed a
+round offline (docs/round.md#presence), and one whose upload was lost on the way comes back
+at its next heartbeat, while a board that is gone stays out."""
+
 
 @dataclass
 class AgentOptions:
@@ -181,7 +186,7 @@ class EdgeAgent:
         self.done = threading.Event()
         self.models: list[Path] = []
         self.transport: Any = None
-        self._registered_at = time.monotonic()
+        self._said_online_at = time.monotonic()
         # The last task and the update chunks it produced: the same task sent again (after a
         # reconnect) is answered with the same update instead of a second training.
         self._answered: tuple[str, list[bytes]] | None = None
@@ -201,11 +206,15 @@ class EdgeAgent:
             )
         return profile_summary(board, measure_machine(), steps)
 
-    def _register(self) -> None:
+    def _heartbeat(self) -> None:
         assert self.transport is not None
-        self._registered_at = time.monotonic()
+        self._said_online_at = time.monotonic()
         status = encode_message("status", {"device_id": self.device_id, "online": True})
         self.transport.publish(self.topics.status(self.device_id), status, retain=True)
+
+    def _register(self) -> None:
+        assert self.transport is not None
+        self._heartbeat()
         body = self.registration.to_message(sent_at=time.time())
         self.transport.publish(
             self.topics.register(self.device_id), encode_message("register", body)
@@ -271,8 +280,11 @@ class EdgeAgent:
                 try:
                     kind, meta, blob = self.inbox.get(timeout=0.5)
                 except queue.Empty:
-                    if self.assignment is None and time.monotonic() - self._registered_at > 10:
+                    quiet = time.monotonic() - self._said_online_at
+                    if self.assignment is None and quiet > 10:
                         self._register()  # no answer yet: say it again
+                    elif quiet > HEARTBEAT_S:
+                        self._heartbeat()
                     continue
                 if kind == "task":
                     self._train(meta, blob)

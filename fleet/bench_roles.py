@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TextIO
 
 FLEET = "bench"
+SAMPLES_PER_AGENT = 100
+"""What each lightweight agent registers and claims in its updates: the coordinator checks both."""
 
 DEADLINE_S = 120.0
 """A round's deadline: far beyond what a round takes, so an update that misses it is lost."""
@@ -45,7 +47,8 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _coordinator_role(spec: dict[str, Any], stdout: TextIO) -> None:
     """The real coordinator; its models are synthetic, so no data set is loaded (eight blank
-    test images keep its per-round evaluation trivial) and nothing is exported."""
+    test images keep its per-round evaluation trivial; the blank training split is as large as
+    the count each agent registers, which the data set must hold) and nothing is exported."""
     import torch
 
     from bitfleet.data import DATASET_SPECS, ImageData
@@ -54,7 +57,9 @@ def _coordinator_role(spec: dict[str, Any], stdout: TextIO) -> None:
 
     blank = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
     labels = torch.zeros(8, dtype=torch.int64)
-    data = ImageData(blank, labels, blank, labels, DATASET_SPECS["fashion-mnist"])
+    train = torch.zeros(SAMPLES_PER_AGENT, 1, 28, 28, dtype=torch.uint8)
+    train_labels = torch.zeros(SAMPLES_PER_AGENT, dtype=torch.int64)
+    data = ImageData(train, train_labels, blank, labels, DATASET_SPECS["fashion-mnist"])
     cfg = job_config_from_dict(_job(spec), source="bench fleet")
     coordinator = Coordinator(cfg, spec["url"], data=data, export=False)
 
@@ -116,7 +121,10 @@ class _Agent:
         body = {
             "device_id": self.device,
             "profile": self.profile,
-            "data": {"n_samples": 100, "label_hist": [10] * 10},
+            "data": {
+                "n_samples": SAMPLES_PER_AGENT,
+                "label_hist": [SAMPLES_PER_AGENT // 10] * 10,
+            },
             "sent_at": time.time(),
         }
         self.transport.publish(self.topics.register(self.device), encode_message("register", body))
@@ -152,7 +160,7 @@ def _answer_tasks(answer: queue.Queue, sent: list[int]) -> None:
         meta = {
             "round": task["round"],
             "job_id": task["job_id"],
-            "n_samples": 100,
+            "n_samples": SAMPLES_PER_AGENT,
             "train_loss": 1.0,
             "train_seconds": 0.0,
         }

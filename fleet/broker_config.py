@@ -25,6 +25,10 @@ PBKDF2_ITERATIONS = 101
 #: Big enough for one 1 MiB chunk plus its <= 64 KiB header (bitfleet.protocol.chunks).
 MAX_PACKET_SIZE = 2 * 1024 * 1024
 
+#: Bytes Mosquitto queues for one client that is not keeping up (the coordinator during an
+#: upload burst): a round's updates of a large model fit, a flood cannot exhaust the broker.
+MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+
 _SALT_BYTES = 12  # what mosquitto_passwd uses
 
 
@@ -98,8 +102,11 @@ def mosquitto_conf_text(
         "# One chunk is at most 1 MiB of data plus a 64 KiB header; anything larger is refused.\n"
         f"max_packet_size {MAX_PACKET_SIZE}\n"
         "# Every board answers a round at once: the coordinator's queue must hold one update's\n"
-        "# chunks from each (Mosquitto's default of 1000 would drop some in a larger fleet).\n"
-        f"max_queued_messages {max(1000, 4 * devices)}\n"
+        "# chunks from each (Mosquitto's default of 1000 would drop some in a larger fleet),\n"
+        "# and a burst one board floods it with (Mosquitto has no per-client rate limit), so\n"
+        "# the queue is long and bounded in bytes instead (docs/security.md#threat-model).\n"
+        f"max_queued_messages {max(20000, 16 * devices)}\n"
+        f"max_queued_bytes {MAX_QUEUED_BYTES}\n"
         "\n"
         f"{listener}\n"
         f"cafile {out / 'ca.crt'}\n"

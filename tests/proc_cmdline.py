@@ -13,7 +13,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["CmdlineSampler", "command_lines", "processes_showing"]
+__all__ = ["CmdlineSampler", "command_lines", "fleet_passwords", "processes_showing"]
+
+
+def fleet_passwords(fleet_dir: Path) -> list[str]:
+    """Every password of a provisioned fleet, once it is written; [] before (or mid-write)."""
+    from fleet.provision import load_provisioned
+
+    try:
+        fleet = load_provisioned(fleet_dir)
+    except (OSError, ValueError, KeyError):
+        return []
+    return [fleet.coordinator_password, *fleet.devices.values()]
 
 
 def command_lines() -> dict[int, str]:

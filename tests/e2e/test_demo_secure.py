@@ -10,17 +10,8 @@ from pathlib import Path
 
 from fleet.provision import load_provisioned
 from tests.conftest import require_mosquitto
-from tests.proc_cmdline import CmdlineSampler
+from tests.proc_cmdline import CmdlineSampler, fleet_passwords
 from tests.tiny_fmnist import make_tiny_fmnist
-
-
-def _passwords(fleet_dir: Path) -> list[str]:
-    """Every password of the demo's fleet, once it is provisioned; [] before (or mid-write)."""
-    try:
-        fleet = load_provisioned(fleet_dir)
-    except (OSError, ValueError, KeyError):
-        return []
-    return [fleet.coordinator_password, *fleet.devices.values()]
 
 
 def test_demo_secure_runs_over_tls_with_one_account_per_device(tmp_path: Path) -> None:
@@ -40,7 +31,7 @@ def test_demo_secure_runs_over_tls_with_one_account_per_device(tmp_path: Path) -
     def is_agent(line: str) -> bool:  # this test's agents: their --out-dir lies under `out`
         return " agent run " in line and str(out / "devices") in line
 
-    with CmdlineSampler(lambda: _passwords(out / "fleet"), is_agent) as sampler:
+    with CmdlineSampler(lambda: fleet_passwords(out / "fleet"), is_agent) as sampler:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "round 1/1" in done.stdout and "mqtts://coordinator@127.0.0.1" in done.stdout
