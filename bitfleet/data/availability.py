@@ -22,22 +22,28 @@ def check_available(dataset: str, data_dir: str | Path | None = None) -> None:
     """Raise DatasetNotFoundError (one line) unless `dataset` is found from `data_dir`.
 
     Also ValueError for an unknown data set name. Passes whenever the loader would find a copy,
-    including its fall-backs ($BITFLEET_DATA_DIR, the Debian package, an earlier download).
+    including its fall-backs ($BITFLEET_DATA_DIR, the Debian package, an earlier download),
+    except that a `data_dir` which is not there at all fails: at start-up a named folder that
+    is missing is a typo to fix, not a fall-back warning to miss.
     """
     get_spec(dataset)  # fails with the list of known names
+    missing = data_dir is not None and not Path(data_dir).expanduser().is_dir()
+    named = [f"data_dir: {data_dir}: no such directory"]
     if dataset == "fashion-mnist":
+        how = (
+            f"put {', '.join(fashion_mnist.FILE_NAMES)} (each may be .gz) into data_dir "
+            f"or ${DATA_DIR_ENV}, or install Debian's package dataset-fashion-mnist "
+            f"(sudo apt-get install dataset-fashion-mnist, into {fashion_mnist.DEBIAN_DIR})"
+        )
         try:
-            fashion_mnist.find_fashion_mnist(data_dir)
+            if not missing:
+                fashion_mnist.find_fashion_mnist(data_dir)
+                return
         except DatasetNotFoundError as exc:
-            how = (
-                f"put {', '.join(fashion_mnist.FILE_NAMES)} (each may be .gz) into data_dir "
-                f"or ${DATA_DIR_ENV}, or install Debian's package dataset-fashion-mnist "
-                f"(sudo apt-get install dataset-fashion-mnist, into {fashion_mnist.DEBIAN_DIR})"
-            )
             raise _one_line("Fashion-MNIST", exc.tried, how) from None
-        return
+        raise _one_line("Fashion-MNIST", named, how)
     src = cifar.SOURCES[dataset]
-    root, tried = cifar.find_root(src, data_dir)
+    root, tried = (None, named) if missing else cifar.find_root(src, data_dir)
     if root is None:
         how = (
             f"extract {src.url} so that DIR/{src.folder} exists and name DIR as data_dir or "

@@ -82,7 +82,7 @@ def test_coordinator_without_its_data(tmp_path: Path, capsys: pytest.CaptureFixt
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        ("MISSING", "Fashion-MNIST not found (data_dir: MISSING: no such directory; "),
+        ("MISSING", "Fashion-MNIST not found (data_dir: MISSING: no such directory): "),
         ("fashion-mnist:0/2", "Fashion-MNIST not found ($BITFLEET_DATA_DIR: not set; "),
         ("cifar10:0/2", "CIFAR-10 not found ($BITFLEET_DATA_DIR: not set; "),
     ],
