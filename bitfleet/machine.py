@@ -12,10 +12,11 @@ from pathlib import Path
 
 import psutil
 
-_INT_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "asimddp")
+from .runtime_facts import KERNEL_FLAGS as _INT_DOT_FLAGS
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (`flags` on x86, `Features` on Arm)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -37,7 +38,7 @@ def _version(dist: str) -> str | None:
 
 def describe_machine() -> dict[str, object]:
     """Cores, architecture, integer dot-product support and library versions."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return {
         "arch": platform.machine(),
         "python": platform.python_version(),

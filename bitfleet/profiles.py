@@ -25,7 +25,9 @@ from typing import Any
 
 import psutil
 
-from .machine import _INT_DOT_FLAGS, _cpu_flags, describe_machine
+from .machine import _INT_DOT_FLAGS, describe_machine
+from .machine import cpu_flags as read_cpu_flags
+from .runtime_facts import RuntimeFacts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -435,7 +437,7 @@ def match_board(
         device_tree_model = _read_device_tree_model()
     if tegra is None:
         tegra = _read_tegra()
-    flags = set(_cpu_flags() if cpu_flags is None else cpu_flags)
+    flags = set(read_cpu_flags() if cpu_flags is None else cpu_flags)
     arch = _norm_arch(platform.machine() if arch is None else arch)
 
     same_arch = [profiles[n] for n in sorted(profiles) if profiles[n].detect.arch in (None, arch)]
@@ -616,12 +618,17 @@ def measure_step_times(
 
 
 def profile_summary(
-    board: DeviceProfile, measured: Mapping[str, Any], steps: Mapping[str, Any] | None
+    board: DeviceProfile,
+    measured: Mapping[str, Any],
+    steps: Mapping[str, Any] | None,
+    runtime: RuntimeFacts | None = None,
 ) -> dict[str, Any]:
-    """What an agent sends at registration: its board kind, its machine, its step times.
+    """What an agent sends at registration: its board kind, its machine, its step times, its
+    runtime.
 
     JSON-ready: `board` is the matched profile (`board["name"]` its kind), `measured` the
-    machine (`measure_machine`), `step_times` the timings (`measure_step_times`) or None.
+    machine (`measure_machine`), `step_times` the timings (`measure_step_times`) or None,
+    `runtime` what its onnxruntime loads (`bitfleet.runtime_facts.probe_runtime`) where known.
     `qat_overhead` is the measured t_qat / t_fp where step times exist, else the profile's
     prior; `qat_overhead_source` says which. No data samples ever go in here.
     """
@@ -636,4 +643,5 @@ def profile_summary(
         "step_times": None if steps is None else _lists(dict(steps)),
         "qat_overhead": round(overhead, 4),
         "qat_overhead_source": source,
+        **({} if runtime is None else {"runtime": runtime.to_dict()}),
     }

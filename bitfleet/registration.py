@@ -17,6 +17,7 @@ from typing import Any
 
 from .profiles import MAX_QAT_OVERHEAD, DeviceProfile, ProfileError
 from .protocol import ProtocolError
+from .runtime_facts import RuntimeFacts
 
 MAX_STEP_SECONDS = 1e4
 """Longest plausible training step on any board (a Pi 4's LeNet step is about 0.05 s)."""
@@ -65,7 +66,8 @@ class Registration:
     `profile` is the profile summary as sent (`bitfleet.profiles.profile_summary`): kept whole
     for the store and reports; `board`, `step_times` and `qat_overhead` are its typed parts.
     `qat_overhead` is what a QAT step costs relative to a float step on this device: measured
-    where the board timed both, else its profile's prior.
+    where the board timed both, else its profile's prior. `runtime` is what its onnxruntime
+    loads; None from a virtual board or an older agent, which get files for the newest runtime.
     """
 
     device_id: str
@@ -74,6 +76,7 @@ class Registration:
     qat_overhead: float
     data: DataSummary
     profile: Mapping[str, Any]
+    runtime: RuntimeFacts | None = None
 
     def to_message(self, sent_at: float) -> dict[str, Any]:
         """The body of a `register` message."""
@@ -124,6 +127,7 @@ class Registration:
             qat_overhead=_overhead(profile.get("qat_overhead"), board.qat_overhead),
             data=_data(data, num_classes, max_samples),
             profile=profile,
+            runtime=_runtime(profile.get("runtime")),
         )
 
 
@@ -148,6 +152,15 @@ def _step_times(raw: Any) -> StepTimes | None:
         _positive(t_fp, "profile.step_times.t_fp", MAX_STEP_SECONDS),
         None if not t_qat else _positive(t_qat, "profile.step_times.t_qat", MAX_STEP_SECONDS),
     )
+
+
+def _runtime(raw: Any) -> RuntimeFacts | None:
+    if raw is None:
+        return None
+    try:
+        return RuntimeFacts.from_dict(raw)
+    except ValueError as exc:
+        raise ProtocolError("bad_register", f"profile.{exc}") from None
 
 
 def _overhead(raw: Any, prior: float) -> float:

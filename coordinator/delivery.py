@@ -22,6 +22,7 @@ from bitfleet.assignment import Assignment
 from bitfleet.data import ImageData
 from bitfleet.protocol import Topics, make_message, split_payload
 from bitfleet.registration import Registration
+from bitfleet.runtime_facts import OPSET_INT2
 
 from .config import JobConfig
 from .global_model import GlobalModel
@@ -49,6 +50,12 @@ def deploy_storage(cfg: JobConfig, reg: Registration) -> str:
     default) lets the board's profile decide (int8 kernels for speed, packed for size)."""
     storage = cfg.deploy.storage
     return reg.board.preferred_storage if storage == "auto" else storage
+
+
+def max_opset(reg: Registration) -> int:
+    """The newest opset a device's file may use: what its onnxruntime loads, where it said;
+    beyond `OPSET_INT2` nothing the exporter writes changes, so files are shared above it."""
+    return OPSET_INT2 if reg.runtime is None else min(reg.runtime.max_opset, OPSET_INT2)
 
 
 def _tag(bits: int | dict[str, int]) -> str:
@@ -82,16 +89,19 @@ def export_and_deliver(
     spec = model.spec
     calib = data.train_x[:EXPORT_CALIB_SAMPLES].float().div(255).numpy()
     shape = (spec.in_channels, spec.image_size, spec.image_size)
-    files: dict[tuple[str, str, str], Path] = {}
+    files: dict[tuple[str, str, str, int], Path] = {}
     delivery = Delivery()
     # Names carry the strategy only where the fleet mixes them (FedHQ, random hybrid).
     mixed = len({a.strategy for a in assignments.values()}) > 1
 
     def deliver(device: str, assignment: Assignment, bits: int | dict[str, int]) -> Path:
         storage = deploy_storage(cfg, registrations[device])
-        key = (assignment.strategy, _tag(bits), storage)
+        opset = max_opset(registrations[device])
+        key = (assignment.strategy, _tag(bits), storage, opset)
         if key not in files:
-            parts = [cfg.model.name, *([assignment.strategy] if mixed else []), *key[1:]]
+            parts = [cfg.model.name, *([assignment.strategy] if mixed else []), *key[1:3]]
+            if opset < OPSET_INT2:  # another container than the newest runtimes get
+                parts.append(f"opset{opset}")
             name = "-".join(parts) + ".onnx"
             files[key] = exporter(
                 model.deployed(model.state, bits),
@@ -100,6 +110,7 @@ def export_and_deliver(
                 storage=storage,
                 activations=storage == "int8",
                 calib=calib,
+                max_opset=opset,
                 metadata={
                     "strategy": assignment.strategy,
                     "source_round": source_round,

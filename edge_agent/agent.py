@@ -52,6 +52,7 @@ from bitfleet.protocol import (
     validate_message,
 )
 from bitfleet.registration import DataSummary, Registration
+from bitfleet.runtime_facts import probe_runtime
 from bitfleet.training import train
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class EdgeAgent:
                 image_size=spec.image_size,
                 num_classes=spec.num_classes,
             )
-        return profile_summary(board, measure_machine(), steps)
+        return profile_summary(board, measure_machine(), steps, probe_runtime())
 
     def _heartbeat(self) -> None:
         assert self.transport is not None

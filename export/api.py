@@ -20,6 +20,7 @@ import onnx
 from torch import nn
 
 from bitfleet.quant import quant_layers
+from bitfleet.runtime_facts import OPSET_BASE, OPSET_INT2
 
 from .fold import prepare_for_export
 from .qdq import (
@@ -86,13 +87,17 @@ def export_model(
     calib: np.ndarray | None = None,
     float_layers: str | set[str] = "auto",
     metadata: Mapping[str, object] | None = None,
+    max_opset: int = OPSET_INT2,
 ) -> ExportResult:
     """Write `model` (deployed at its bits by a method's `deploy`) as quantized ONNX.
 
     `storage`: "int8" (int8 initializers; with `activations`, integer kernels) or "packed"
     (INT4 / INT2 initializers, dequantized to float at run time). `calib`: [0, 1] pixels
-    (N, C, H, W) for the activation ranges, needed with `activations`.
+    (N, C, H, W) for the activation ranges, needed with `activations`. `max_opset`: the newest
+    opset the target's onnxruntime loads; below 25, 2-bit weights are stored in INT4.
     """
+    if max_opset < OPSET_BASE:
+        raise ValueError(f"max_opset {max_opset}: every file needs opset {OPSET_BASE} (ort 1.20)")
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
     activations = activations and storage == "int8"
@@ -106,7 +111,7 @@ def export_model(
     def build(floats: set[str], acts: bool = activations) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(base)
-        plan = ExportPlan(layers, storage, acts, set(floats))
+        plan = ExportPlan(layers, storage, acts, set(floats), max_opset)
         return quantize_graph(m, plan, ranges)
 
     ranges = None

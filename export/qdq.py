@@ -24,11 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from bitfleet.quant import affine_qparams
+from bitfleet.runtime_facts import OPSET_BASE, OPSET_INT2
 
 from .fold import LayerQuant
 
-OPSET = 21
-OPSET_INT2 = 25
 STORAGES = ("int8", "packed")
 _TIED = {"MaxPool", "Flatten", "Reshape", "Identity"}
 """Ops that move values without changing them: their output shares the input's grid."""
@@ -43,6 +42,8 @@ class ExportPlan:
     storage: str = "int8"
     activations: bool = True
     float_layers: set[str] = field(default_factory=set)
+    max_opset: int = OPSET_INT2
+    """The newest opset the target runtime loads (docs/export.md#runtimes)."""
 
     def integer_kernel(self, name: str) -> bool:
         return self.activations and self.storage == "int8" and name not in self.float_layers
@@ -65,7 +66,7 @@ def float_graph(plain: nn.Module, input_shape: tuple[int, int, int]) -> onnx.Mod
         )
     model = onnx.load_from_string(buf.getvalue())
     _inline_identity_initializers(model)
-    return onnx.version_converter.convert_version(model, OPSET)
+    return onnx.version_converter.convert_version(model, OPSET_BASE)
 
 
 def _inline_identity_initializers(model: onnx.ModelProto) -> None:
@@ -92,12 +93,20 @@ def _weight_layer(node: onnx.NodeProto, layers: Mapping[str, LayerQuant]) -> str
     return None
 
 
-def _int_tensor(name: str, ints: np.ndarray, bits: int, storage: str) -> onnx.TensorProto:
+def _container(bits: int, storage: str, max_opset: int) -> int:
+    """The integer type that holds `bits`-bit weights: int8, or packed INT4 / INT2, where INT2
+    waits for opset 25 (a 2-bit weight in INT4 is the same number, in twice the bytes)."""
+    if storage != "packed" or bits > 4:
+        return TensorProto.INT8
+    return TensorProto.INT2 if bits <= 2 and max_opset >= OPSET_INT2 else TensorProto.INT4
+
+
+def _int_tensor(name: str, ints: np.ndarray, dtype: int) -> onnx.TensorProto:
     """int8 initializer, or INT4 / INT2 packed into raw bytes (first element in the low bits,
     as the ONNX spec lays them out)."""
-    if storage != "packed" or bits > 4:
+    if dtype == TensorProto.INT8:
         return numpy_helper.from_array(ints.astype(np.int8), name)
-    width, dtype = (2, TensorProto.INT2) if bits <= 2 else (4, TensorProto.INT4)
+    width = 2 if dtype == TensorProto.INT2 else 4
     per_byte = 8 // width
     flat = (ints.astype(np.int16).ravel() & ((1 << width) - 1)).astype(np.uint8)
     flat = np.concatenate([flat, np.zeros(-len(flat) % per_byte, np.uint8)])
@@ -158,10 +167,21 @@ class _Graph:
         self, name: str, ints: onnx.TensorProto, scale: np.ndarray, scale_name: str
     ) -> onnx.NodeProto:
         """Replace float initializer `name` by integers and per-channel scales; return the
-        DequantizeLinear node that recreates `name` from them."""
-        self.replace_initializer(name, [ints, numpy_helper.from_array(scale, scale_name)])
+        DequantizeLinear node that recreates `name` from them.
+
+        The zero point (0: the quantizer is symmetric) is written out, shaped as the scale:
+        onnxruntime 1.20-1.22's QGemm refuses a per-channel weight whose zero point is left to
+        the default scalar ("zero point and scale of input b should have same shape size").
+        """
+        zp_name = f"{ints.name}.z"
+        if ints.data_type == TensorProto.INT32:  # a bias
+            zero = numpy_helper.from_array(np.zeros(scale.shape, np.int32), zp_name)
+        else:
+            zero = _int_tensor(zp_name, np.zeros(scale.shape, np.int8), ints.data_type)
+        scales = numpy_helper.from_array(scale, scale_name)
+        self.replace_initializer(name, [ints, scales, zero])
         return helper.make_node(
-            "DequantizeLinear", [ints.name, scale_name], [name], name=f"{name}.dq", axis=0
+            "DequantizeLinear", [ints.name, scale_name, zp_name], [name], name=f"{name}.dq", axis=0
         )
 
     def add_initializer(self, t: onnx.TensorProto) -> None:
@@ -194,8 +214,9 @@ def quantize_graph(
         ints = layer.ints.numpy()
         scale = layer.scale.numpy().astype(np.float32)
         weight_scales[layer_name] = scale
-        needs_int2 |= plan.storage == "packed" and layer.bits <= 2
-        ints_tensor = _int_tensor(f"{layer_name}.wq", ints, layer.bits, plan.storage)
+        dtype = _container(layer.bits, plan.storage, plan.max_opset)
+        needs_int2 |= dtype == TensorProto.INT2
+        ints_tensor = _int_tensor(f"{layer_name}.wq", ints, dtype)
         dq_nodes.append(g.dequantized(wname, ints_tensor, scale, f"{layer_name}.ws"))
 
     act_tensors, tied = activation_tensors(model, plan)

@@ -24,3 +24,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet -e '.[all,test]'
 echo "bitfleet installed in .venv: $(.venv/bin/bitfleet --version)"
+
+# The oldest onnxruntime pyproject.toml admits, beside the newest in .venv: boards run what
+# their image ships, so exported files are checked in both (docs/export.md#runtimes).
+ort_min=$(sed -n 's/^ *"onnxruntime>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+if [ ! -x .venv-ort-oldest/bin/python ]; then
+  python3 -m venv .venv-ort-oldest
+fi
+.venv-ort-oldest/bin/python -m pip install --quiet "onnxruntime~=${ort_min}.0" numpy
+echo "oldest admitted onnxruntime in .venv-ort-oldest: $(.venv-ort-oldest/bin/python -c \
+  'import onnxruntime; print(onnxruntime.__version__)')"

@@ -105,6 +105,47 @@ def test_packed_initializers_hold_exactly_the_pytorch_integers(bits: int, tmp_pa
         assert len(stored.raw_data) == -(-ints.size * (2 if bits == 2 else 4) // 8)  # packed
 
 
+@pytest.mark.parametrize(
+    ("max_opset", "container", "stamped"), [(21, "INT4", 21), (25, "INT2", 25)]
+)
+def test_two_bit_weights_fit_the_runtimes_opsets(
+    max_opset: int, container: str, stamped: int, tmp_path: Path
+) -> None:
+    """onnxruntime before 1.23 refuses opset 25, where INT2 begins: its boards get the same
+    integers in INT4, and a file stamped with an opset they load."""
+    model = tiny(2)
+    path = tmp_path / "m.onnx"
+    export_model(model, path, SHAPE, storage="packed", activations=False, max_opset=max_opset)
+    proto = onnx.load(path)
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {stamped}
+    for name, layer in quant_layers(model).items():
+        stored = {t.name: t for t in proto.graph.initializer}[f"{name}.wq"]
+        assert stored.data_type == getattr(onnx.TensorProto, container)
+        ints = quantize_to_int(layer.weight, layer.step(), 2).numpy()
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(stored).astype(np.int8), ints)
+    with pytest.raises(ValueError, match="opset 21"):
+        export_model(model, path, SHAPE, storage="packed", activations=False, max_opset=20)
+
+
+def test_weight_zero_points_have_the_scales_shape(tmp_path: Path) -> None:
+    """onnxruntime 1.20-1.22's QGemm refuses a per-channel weight whose zero point is left to
+    the scalar default: every weight's DequantizeLinear names one, shaped as its scale."""
+    model = tiny(8)
+    x = pixels(64)
+    path = tmp_path / "m.onnx"
+    export_model(model, path, SHAPE, activations=True, calib=x, float_layers=set())
+    proto = onnx.load(path)
+    inits = {t.name: t for t in proto.graph.initializer}
+    weights = [
+        n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+    ]
+    assert {n.input[0] for n in weights} >= {"conv.wq", "fc.wq"}
+    for node in weights:
+        scale, zero = inits[node.input[1]], inits[node.input[2]]
+        assert list(zero.dims) == list(scale.dims)
+        assert not onnx.numpy_helper.to_array(zero).any()
+
+
 def test_metadata_and_self_contained_input(tmp_path: Path) -> None:
     model = tiny(4)
     result = export_model(
