@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +29,27 @@ class RuntimeRun:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def run_in(python: str | Path, files: Sequence[Path], pixels: np.ndarray) -> RuntimeRun:
-    """Run `files` on `pixels` (N, C, H, W float32 in [0, 1]) under the interpreter `python`."""
+def run_in(
+    python: str | Path | Sequence[str],
+    files: Sequence[Path],
+    pixels: np.ndarray,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 600,
+) -> RuntimeRun:
+    """Run `files` on `pixels` (N, C, H, W float32 in [0, 1]) under the interpreter `python`:
+    a path, or a command that starts one (an emulator and the interpreter it runs)."""
+    prefix = [str(python)] if isinstance(python, (str, Path)) else list(python)
     with tempfile.TemporaryDirectory(prefix="bitfleet-ort-") as tmp:
         inputs, out = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(inputs, pixels=pixels.astype(np.float32))
-        cmd = [str(python), str(RUNNER), str(inputs), str(out), *map(str, files)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        cmd = [*prefix, str(RUNNER), str(inputs), str(out), *map(str, files)]
+        done = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=None if env is None else dict(env),
+        )
         if done.returncode != 0 or not out.exists():
             raise RuntimeError(f"{python} could not run {RUNNER.name}: {done.stderr[-1000:]}")
         with np.load(out) as result:

@@ -35,6 +35,7 @@ def check_onnx_files(job: JobResult, data: ImageData, out: Path) -> list[dict]:
             "bytes": files[0].stat().st_size if files else None,
             "acc_torch": last.acc_deploy.get(str(bits)) if last else None,
             "acc_onnx": None,
+            "export_failure": job.export_failures.get(device),
         }
         if files:
             opts = ort.SessionOptions()
@@ -157,6 +158,8 @@ def write_outputs(
     for d in devices:
         acc_t = f"{d['acc_torch']:.4f}" if d["acc_torch"] is not None else "-"
         acc_o = f"{d['acc_onnx']:.4f}" if d["acc_onnx"] is not None else "missing"
+        if d["export_failure"]:  # the coordinator's reason, after its retry
+            acc_o = "no model: " + d["export_failure"].replace("|", "/")
         lines.append(
             f"| {d['device']} | {d['board']} | {d['n_samples']} | {d['strategy']} | {d['bits']} | "
             f"{d['bytes'] or '-'} | {acc_t} | {acc_o} |"

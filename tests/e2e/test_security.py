@@ -442,7 +442,8 @@ def test_federation_over_the_provisioned_broker(
                 p.wait()
     logs = "".join((tmp_path / f"{d}.log").read_text() for d in (A, B))
     assert codes == [0, 0], logs
-    assert sorted(sampler.watched) == sorted(p.pid for p in agents), sampler.watched
+    # Both agents were seen (a forked child between fork and exec may show up as well).
+    assert {p.pid for p in agents} <= set(sampler.watched), sampler.watched
     assert sampler.leaks == []
     assert "carries a password" not in logs  # neither agent fell back to a URL's password
     assert [sorted(r.received) for r in reports] == [[A, B]]

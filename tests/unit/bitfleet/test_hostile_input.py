@@ -4,7 +4,6 @@ the coordinator's memory (docs/security.md#threat-model)."""
 
 from __future__ import annotations
 
-import copy
 import json
 from typing import Any
 
@@ -14,6 +13,7 @@ from bitfleet.profiles import load_profiles
 from bitfleet.protocol import ProtocolError, Reassembler, decode_message, split_payload
 from bitfleet.protocol.messages import MAX_INT
 from bitfleet.registration import DataSummary, Registration
+from fleet.hostile_board import numeric_paths, replaced
 
 VALID: dict[str, dict[str, Any]] = {
     "register": {
@@ -51,25 +51,8 @@ VALID: dict[str, dict[str, Any]] = {
 }
 
 
-def _numeric_paths(value: Any, path: tuple = ()) -> list[tuple]:
-    if isinstance(value, bool):
-        return []
-    if isinstance(value, (int, float)):
-        return [path]
-    if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _numeric_paths(v, (*path, k))]
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in _numeric_paths(v, (*path, i))]
-    return []
-
-
 def _with(body: dict[str, Any], path: tuple, value: Any) -> dict[str, Any]:
-    out = copy.deepcopy(body)
-    target = out
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
-    return out
+    return replaced(body, [path], value)
 
 
 def _encode(kind: str, body: dict[str, Any]) -> bytes:
@@ -79,7 +62,7 @@ def _encode(kind: str, body: dict[str, Any]) -> bytes:
 CASES = [
     (kind, path, bad)
     for kind, body in VALID.items()
-    for path in _numeric_paths(body)
+    for path in numeric_paths(body)
     for bad in (2**63, -(2**63), float("nan"), float("inf"), 1e300)
 ]
 
