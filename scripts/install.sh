@@ -34,3 +34,6 @@ fi
 .venv-ort-oldest/bin/python -m pip install --quiet "onnxruntime~=${ort_min}.0" numpy
 echo "oldest admitted onnxruntime in .venv-ort-oldest: $(.venv-ort-oldest/bin/python -c \
   'import onnxruntime; print(onnxruntime.__version__)')"
+
+# onnxruntime's aarch64 build under qemu-user, as a Pi 4 and a Pi 5 (docs/export.md#runtimes).
+scripts/arm64_runtime.sh
