@@ -22,7 +22,8 @@ OPSET_INT2 = 25
 KERNEL_FLAGS = ("asimddp", "i8mm", "avx512_vnni", "avx_vnni")
 """/proc/cpuinfo flags that switch onnxruntime's int8 kernels to dot-product instructions."""
 
-_PROBED = range(OPSET_BASE, 31)
+PROBED_OPSETS = range(OPSET_BASE, 31)
+"""The opsets `newest_loadable_opset` tries, newest first."""
 _VERSION = re.compile(r"\d{1,4}(\.\d{1,4}){1,3}([.+-][0-9A-Za-z.]{1,32})?")
 
 
@@ -51,32 +52,40 @@ class RuntimeFacts:
         features = raw.get("cpu_features", [])
         if not isinstance(version, str) or _VERSION.fullmatch(version) is None:
             raise ValueError(f"runtime.onnxruntime must be a version like 1.22.1, got {version!r}")
-        if type(opset) is not int or opset not in _PROBED:
+        if type(opset) is not int or opset not in PROBED_OPSETS:
             raise ValueError(
-                f"runtime.max_opset must be in {_PROBED.start}..{_PROBED.stop - 1}, got {opset!r}"
+                f"runtime.max_opset must be in {PROBED_OPSETS.start}.."
+                f"{PROBED_OPSETS.stop - 1}, got {opset!r}"
             )
         if not isinstance(features, list) or not all(f in KERNEL_FLAGS for f in features):
             raise ValueError(f"runtime.cpu_features must be a list from {list(KERNEL_FLAGS)}")
         return cls(version, opset, tuple(sorted(set(features))))
 
 
-def newest_loadable_opset() -> int:
-    """The newest opset this process's onnxruntime loads, probed with a one-node model (the
-    runtime states no such number itself); `OPSET_BASE - 1` if it loads none of them."""
-    import onnxruntime as ort
+def probe_model(opset: int) -> Any:
+    """A one-node model (Identity, any input shape) stamped with `opset`: a runtime that loads
+    it knows that opset (the runtime states no such number itself)."""
     from onnx import TensorProto, helper
 
-    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10  # what onnxruntime 1.20 reads; opsets do not need more
+    return model
+
+
+def newest_loadable_opset() -> int:
+    """The newest opset this process's onnxruntime loads (`probe_model`); `OPSET_BASE - 1` if
+    it loads none of them."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    for opset in reversed(_PROBED):
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 10  # what onnxruntime 1.20 reads; opsets do not need more
+    for opset in reversed(PROBED_OPSETS):
         try:
             ort.InferenceSession(
-                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                probe_model(opset).SerializeToString(), options, providers=["CPUExecutionProvider"]
             )
         except Exception:  # noqa: BLE001 - "cannot load" is the answer, whatever the wording
             continue

@@ -64,6 +64,9 @@ def _say(text: str) -> None:
 
 MAX_DOWNLOAD_BYTES = 256 * 2**20
 
+NAMED_PART = re.compile(r"([a-z0-9-]+):(\d+)/(\d+)")
+"""`--data NAME:I/N`: part I of N of a named data set (else `--data` is a folder)."""
+
 HEARTBEAT_S = 30.0
 """How often an idle agent says `online` again: the coordinator marks a board that missed a
 round offline (docs/round.md#presence), and one whose upload was lost on the way comes back
@@ -113,7 +116,7 @@ def load_local_data(opts: AgentOptions) -> tuple[torch.Tensor, torch.Tensor]:
     `--data NAME:I/N` takes part I of N of a named data set, split by `--partition`, for
     virtual devices in demos and simulations.
     """
-    named = re.fullmatch(r"([a-z0-9-]+):(\d+)/(\d+)", opts.data)
+    named = NAMED_PART.fullmatch(opts.data)
     if named is None:
         data = load_dataset(opts.dataset, data_dir=opts.data)
         return data.train_x, data.train_y

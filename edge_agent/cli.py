@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 
 from bitfleet.protocol.credentials import BROKER_ENV, PASSWORD_FILE_HELP, resolve_broker
 
 #: `--data NAME:I/N`, part I of N of a named data set (as `agent.load_local_data` reads it).
-_NAMED_PART = re.compile(r"([a-z0-9-]+):(\d+)/(\d+)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,13 +65,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_agent(args: argparse.Namespace) -> int:
     from bitfleet.data.availability import check_available
 
-    from .agent import AgentOptions, EdgeAgent
+    from .agent import NAMED_PART, AgentOptions, EdgeAgent
 
     # Bad settings fail here, in one line, before any slow set-up or connection.
     address = resolve_broker(args.broker, args.password_file)
     if not 1 <= args.chunk_kib <= 1024:
         raise ValueError(f"--chunk-kib must be in 1..1024, got {args.chunk_kib}")
-    named = _NAMED_PART.fullmatch(args.data)
+    named = NAMED_PART.fullmatch(args.data)
     if named is None:
         check_available(args.dataset, args.data)
     else:

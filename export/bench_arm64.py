@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 #: choice gets: "auto" as the exporter measures on this machine (no suffix; machine-dependent,
 #: so a test should not rely on it), every layer in float, every layer on integer kernels.
 KERNELS: dict[str, str] = {"auto": "", "float": "-floatkernels", "integer": "-intkernels"}
-#: Probe files for the newest opset a runtime loads: an Identity with no fixed shape.
-_PROBE_OPSETS = range(21, 31)
 
 
 @dataclass
@@ -107,22 +105,16 @@ def file_opset(path: Path) -> int:
 
 
 def opset_probes(out: Path) -> dict[int, Path]:
-    """One-node files (Identity, any input shape) per opset 21..30: the newest that a runtime
-    runs is the newest opset it loads (the runtime states no such number itself)."""
+    """`bitfleet.runtime_facts.probe_model` per probed opset, as files for a runtime in another
+    interpreter: the newest that runtime runs is the newest opset it loads."""
     import onnx
-    from onnx import TensorProto, helper
 
-    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, None)
-    result = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "probe", [value], [result]
-    )
+    from bitfleet.runtime_facts import PROBED_OPSETS, probe_model
+
     probes: dict[int, Path] = {}
-    for opset in _PROBE_OPSETS:
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-        model.ir_version = 10  # what onnxruntime 1.20 reads; opsets do not need more
+    for opset in PROBED_OPSETS:
         probes[opset] = out / f"probe-opset{opset}.onnx"
-        onnx.save(model, probes[opset])
+        onnx.save(probe_model(opset), probes[opset])
     return probes
 
 

@@ -114,9 +114,7 @@ def broker_login(fleet: Any, user: str) -> tuple[str, dict[str, str]]:
     the password, and the environment variable that carries it (bitfleet.protocol.credentials)."""
     from bitfleet.protocol.credentials import PASSWORD_ENV
 
-    password = fleet.coordinator_password if user == "coordinator" else fleet.devices[user]
-    host = "127.0.0.1" if user == "coordinator" else "localhost"
-    return f"mqtts://{user}@{host}:{fleet.port}", {PASSWORD_ENV: password}
+    return fleet.public_url(user), {PASSWORD_ENV: fleet.password(user)}
 
 
 def honest_registration(data_dir: Path, n: int = 600) -> dict[str, Any]:
@@ -248,9 +246,9 @@ def run_job(
                 )
             _wait_connected(work / "mosquitto.log", "coordinator", coordinator, 60)
             if attack is not None:
-                from bitfleet.protocol import BrokerAddress, Topics
+                from bitfleet.protocol import Topics
 
-                address = BrokerAddress("localhost", port, True, HOSTILE, fleet.devices[HOSTILE])
+                address = fleet.address(HOSTILE)
                 reg = honest_registration(data_dir)
                 quiet = lambda: _updates_in(work / "state" / "state.sqlite", 0) >= len(HONEST)  # noqa: E731
                 board = HostileBoard(attack, address, str(fleet.ca_file), Topics(fleet=FLEET),
