@@ -110,7 +110,14 @@ class DeviceProfile:
     """Prior for a QAT step's cost relative to a float step; measured step times replace it."""
     link_mbps: float
     relative_speed: float
-    """Training speed relative to the x86 server (1.0); the simulator scales host times by it."""
+    """Training speed relative to the x86 server (1.0): x86-server's `resnet18_ms` over this
+    board's; the simulator scales host times by it."""
+    resnet18_ms: float
+    """Published ncnn ResNet-18 fp32 latency on the board's CPU (ms, batch 1; the profile
+    file cites the table): what a virtual board scales float latencies measured on its host by."""
+    resnet18_int8_ms: float | None = None
+    """ncnn's `resnet18_int8` latency on the same threads, where the table has one (ms); the
+    scale for integer-kernel files. None: such files scale like float ones."""
     budget_bits: int | None = None
     """A bit budget stated outright (a fleet operator's choice, a simulated device); None: the
     board's widths decide (`deploy_width`). Never in a shipped profile file."""
@@ -139,12 +146,13 @@ class DeviceProfile:
         return widths[-1]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (lists, not tuples); the source path stays local, and `budget_bits`
-        appears only where one is stated."""
+        """JSON-ready (lists, not tuples); the source path stays local, and `budget_bits` and
+        `resnet18_int8_ms` appear only where one is stated."""
         data = asdict(self)
         data.pop("path")
-        if data["budget_bits"] is None:
-            data.pop("budget_bits")
+        for optional in ("budget_bits", *_OPTIONAL_FIELDS):
+            if data[optional] is None:
+                data.pop(optional)
         return _lists(data)
 
     @classmethod
@@ -153,7 +161,7 @@ class DeviceProfile:
         profile file is; a `ProfileError` names `source` and the key."""
         if not isinstance(data, Mapping):
             raise ProfileError(f"{source}: board must be a table, got {type(data).__name__}")
-        raw = dict(data)
+        raw = {k: v for k, v in data.items() if not (k in _OPTIONAL_FIELDS and v is None)}
         budget = raw.pop("budget_bits", None)
         if budget is not None and (type(budget) is not int or budget not in _BITS):
             raise ProfileError(f"{source}: key 'budget_bits': expected a width in 2..8")
@@ -350,7 +358,11 @@ _FIELDS: dict[str, Callable[[Any], Any]] = {
     "qat_overhead": _overhead,
     "link_mbps": _pos_float(1e6),
     "relative_speed": _pos_float(1e4),
+    "resnet18_ms": _pos_float(1e6),
+    "resnet18_int8_ms": _pos_float(1e6),
 }
+_OPTIONAL_FIELDS = ("resnet18_int8_ms",)
+"""Keys of `_FIELDS` a profile file or a registration may leave out (the field stays None)."""
 _DETECT_FIELDS: dict[str, Callable[[Any], Any]] = {
     "device_tree_model": _strs,
     "nv_tegra_release": _bool,
@@ -360,7 +372,11 @@ _DETECT_FIELDS: dict[str, Callable[[Any], Any]] = {
 
 
 def _check_table(
-    raw: Mapping[str, Any], fields: Mapping[str, Callable[[Any], Any]], path: Path, prefix: str
+    raw: Mapping[str, Any],
+    fields: Mapping[str, Callable[[Any], Any]],
+    path: Path,
+    prefix: str,
+    optional: Sequence[str] = (),
 ) -> dict[str, Any]:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -370,6 +386,8 @@ def _check_table(
     out = {}
     for key, check in fields.items():
         if key not in raw:
+            if key in optional:
+                continue
             raise ProfileError(f"{path}: missing key {prefix + key!r}")
         try:
             out[key] = check(raw[key])
@@ -385,7 +403,7 @@ def _parse(raw: Mapping[str, Any], path: Path, check_name: bool = True) -> Devic
         raise ProfileError(
             f"{path}: missing table 'detect' ([detect] with {', '.join(_DETECT_FIELDS)})"
         )
-    values = _check_table(raw, _FIELDS, path, "")
+    values = _check_table(raw, _FIELDS, path, "", _OPTIONAL_FIELDS)
     detect = _check_table(detect_raw, _DETECT_FIELDS, path, "detect.")
     if check_name and values["name"] != path.stem:
         raise ProfileError(

@@ -23,6 +23,7 @@ from torch import nn
 from bitfleet.data import load_dataset
 from bitfleet.machine import describe_machine, machine_line
 from bitfleet.models import create_model
+from bitfleet.onnx_session import ort_int8_qdq
 from bitfleet.progress import Progress
 from bitfleet.quant import PTQ, LocalMethod
 from bitfleet.training import train
@@ -58,35 +59,8 @@ FULL = ExportBenchConfig(lenet_epochs=8, calib=512, runs=100)
 
 
 def _ort_peer(fp32_path: Path, out: Path, calib: np.ndarray, method: str) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"pixels": calib[i : i + 32]} for i in range(0, len(calib), 32)])
-
-        def get_next(self) -> dict | None:
-            return next(self.batches, None)
-
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre))
-    quantize_static(
-        str(pre),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, method),
-    )
-    return out
+    feeds = [{"pixels": calib[i : i + 32]} for i in range(0, len(calib), 32)]
+    return ort_int8_qdq(fp32_path, out, feeds, method)
 
 
 def _interleaved_latency(

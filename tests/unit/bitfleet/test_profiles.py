@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,12 @@ def test_load_profile_by_name_path_and_env(profiles, monkeypatch, profile_copy):
         ("cpu_flags = []\n", "", r"missing key 'detect.cpu_flags'"),
         ('name = "rpi4"', 'name = "rpi-4"', r"key 'name'.*file name 'rpi4'"),
         ("link_mbps = 40.0", "link_mbps = [", r"not valid TOML"),
+        ("resnet18_ms = 123.12", "", r"missing key 'resnet18_ms'"),
+        ("resnet18_ms = 123.12", "resnet18_ms = 0", r"key 'resnet18_ms': expected a number in"),
+        ("resnet18_ms = 123.12", "resnet18_ms = -5.0", r"key 'resnet18_ms': expected a number"),
+        ("resnet18_ms = 123.12", 'resnet18_ms = "fast"', r"key 'resnet18_ms'"),
+        ("resnet18_int8_ms = 83.92", "resnet18_int8_ms = 2e6", r"key 'resnet18_int8_ms'"),
+        ("resnet18_int8_ms = 83.92", "resnet18_int8_ms = true", r"key 'resnet18_int8_ms'"),
     ],
 )
 def test_bad_profile_names_file_and_key(profile_copy, old, new, message):
@@ -113,6 +120,57 @@ def test_bad_profile_names_file_and_key(profile_copy, old, new, message):
     with pytest.raises(ProfileError, match=message) as info:
         load_profiles(profile_copy)
     assert str(path) in str(info.value)
+
+
+def test_resnet18_int8_ms_is_optional(profile_copy):
+    path = profile_copy / "rpi4.toml"
+    text = path.read_text()
+    assert "resnet18_int8_ms = 83.92" in text
+    path.write_text(text.replace("resnet18_int8_ms = 83.92", "", 1))
+    board = load_profiles(profile_copy)["rpi4"]
+    assert board.resnet18_int8_ms is None and board.resnet18_ms == 123.12
+    data = board.to_dict()
+    assert "resnet18_int8_ms" not in data and data["resnet18_ms"] == 123.12
+    assert DeviceProfile.from_dict(data) == board
+    assert DeviceProfile.from_dict({**data, "resnet18_int8_ms": None}) == board
+
+
+def test_to_dict_from_dict_round_trip(profiles):
+    for board in profiles.values():
+        data = json.loads(json.dumps(board.to_dict()))
+        assert data["resnet18_ms"] == board.resnet18_ms
+        assert data["resnet18_int8_ms"] == board.resnet18_int8_ms
+        assert "budget_bits" not in data
+        back = DeviceProfile.from_dict(data)
+        assert back == board and back.path is None
+    budgeted = replace(profiles["rpi5"], budget_bits=4)
+    assert DeviceProfile.from_dict(budgeted.to_dict()) == budgeted
+
+
+def test_from_dict_checks_the_speed_keys(profiles):
+    data = profiles["rpi5"].to_dict()
+    del data["resnet18_ms"]
+    with pytest.raises(ProfileError, match=r"registration: missing key 'resnet18_ms'"):
+        DeviceProfile.from_dict(data)
+    for key, bad in [("resnet18_ms", 0), ("resnet18_ms", 1e7), ("resnet18_int8_ms", -1.0)]:
+        with pytest.raises(ProfileError, match=rf"registration: key '{key}'"):
+            DeviceProfile.from_dict({**profiles["rpi5"].to_dict(), key: bad})
+
+
+def test_shipped_speeds_follow_ncnn_resnet18(profiles):
+    """relative_speed is x86-server's ncnn ResNet-18 latency over the board's (profiles/README.md);
+    the figures are ncnn's published ones, so a Pi 5 is ~6x a Pi 4 and a Nano beats a Pi 4."""
+    server = profiles["x86-server"].resnet18_ms
+    for name in SHIPPED:
+        board = profiles[name]
+        assert board.relative_speed == pytest.approx(server / board.resnet18_ms, rel=1e-3)
+        assert board.resnet18_int8_ms is not None  # every shipped board's table has one
+    pi4, pi5, nano = profiles["rpi4"], profiles["rpi5"], profiles["jetson-nano"]
+    assert pi4.resnet18_ms / pi5.resnet18_ms == pytest.approx(6.15, rel=0.01)
+    assert pi5.relative_speed / pi4.relative_speed == pytest.approx(6.15, rel=0.01)
+    assert nano.resnet18_ms < pi4.resnet18_ms and nano.relative_speed > pi4.relative_speed
+    assert (pi4.resnet18_ms, pi5.resnet18_ms, nano.resnet18_ms) == (123.12, 19.96, 83.44)
+    assert profiles["jetson-orin-nano"].resnet18_ms == 15.13
 
 
 def test_missing_detect_table_is_named(profile_copy):
