@@ -119,4 +119,3 @@ class Assignment:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError("bad_assign", f"assignment is malformed: {exc}") from None
-

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .deploy import DeployLimits
 from .profiles import MAX_QAT_OVERHEAD, DeviceProfile, ProfileError
 from .protocol import ProtocolError
 from .runtime_facts import RuntimeFacts
@@ -68,6 +69,7 @@ class Registration:
     `qat_overhead` is what a QAT step costs relative to a float step on this device: measured
     where the board timed both, else its profile's prior. `runtime` is what its onnxruntime
     loads; None from a virtual board or an older agent, which get files for the newest runtime.
+    `limits` is what the board's owner allows its model (size, latency), empty if nothing.
     """
 
     device_id: str
@@ -77,6 +79,7 @@ class Registration:
     data: DataSummary
     profile: Mapping[str, Any]
     runtime: RuntimeFacts | None = None
+    limits: DeployLimits = DeployLimits()
 
     def to_message(self, sent_at: float) -> dict[str, Any]:
         """The body of a `register` message."""
@@ -128,6 +131,7 @@ class Registration:
             data=_data(data, num_classes, max_samples),
             profile=profile,
             runtime=_runtime(profile.get("runtime")),
+            limits=_limits(profile.get("limits")),
         )
 
 
@@ -159,6 +163,13 @@ def _runtime(raw: Any) -> RuntimeFacts | None:
         return None
     try:
         return RuntimeFacts.from_dict(raw)
+    except ValueError as exc:
+        raise ProtocolError("bad_register", f"profile.{exc}") from None
+
+
+def _limits(raw: Any) -> DeployLimits:
+    try:
+        return DeployLimits.from_dict(raw)
     except ValueError as exc:
         raise ProtocolError("bad_register", f"profile.{exc}") from None
 

@@ -27,10 +27,8 @@ from typing import Any
 import numpy as np
 
 from bitfleet.board_time import steps_per_round, transfer_seconds
+from bitfleet.quant.methods import QUANT_IN_FORWARD
 from bitfleet.registration import DataSummary, Registration
-
-QUANT_IN_FORWARD = frozenset({"qat", "mqat", "apqn", "mpq"})
-"""Methods whose training step runs the fake quantizer, and so costs `t_qat` per step."""
 
 
 @dataclass(frozen=True)
@@ -69,9 +67,14 @@ def device_cost(
     batch_size: int,
     model_bytes: int,
     calib_batches: int,
+    measured_t_fp: float | None = None,
 ) -> DeviceCost:
-    """A device's `DeviceCost` from its registration."""
-    if reg.step_times is not None:
+    """A device's `DeviceCost` from its registration, or from the float-step time its updates
+    measured (`measured_t_fp`, smoothed: docs/allocation.md#runtime) once it has trained."""
+    if measured_t_fp is not None:
+        t_fp = measured_t_fp
+        t_qat = t_fp * reg.qat_overhead
+    elif reg.step_times is not None:
         t_fp = reg.step_times.t_fp
         t_qat = reg.step_times.t_qat or t_fp * reg.qat_overhead
     else:
@@ -185,6 +188,29 @@ def coarse_decisions(
     return out
 
 
+def deploy_loss_factor(
+    widths: Mapping[str, int], ptq_loss: Mapping[int, float] | None, loss_ref: float
+) -> tuple[float, str]:
+    """How much SigAcc counts in a deploy-aware FedHQ (docs/allocation.md#deploy-aware): the
+    largest accuracy the global model loses under PTQ at a width the fleet deploys at, over
+    `loss_ref`, capped at 1. Before the first evaluation, 8 bits and more count as lossless
+    (the demo measured float 0.850, 8-bit PTQ 0.851) and a narrower width as unknown, which
+    leaves the paper's rule (factor 1)."""
+    deployed = sorted({b for b in widths.values()})
+    if not deployed:
+        return 1.0, "no deploy widths known: the paper's rule"
+    if ptq_loss is None or any(b not in ptq_loss for b in deployed if b < 32):
+        if all(b >= 8 for b in deployed):
+            return 0.0, f"fleet deploys at {deployed} bits: PTQ loses nothing there"
+        return 1.0, f"PTQ loss at {deployed} bits not measured yet: the paper's rule"
+    worst_bits = max((b for b in deployed if b < 32), key=lambda b: ptq_loss[b], default=None)
+    if worst_bits is None:
+        return 0.0, "fleet deploys in float"
+    loss = max(0.0, ptq_loss[worst_bits])
+    factor = min(1.0, loss / loss_ref)
+    return factor, f"PTQ loses {loss:.4f} at {worst_bits} bits (x{factor:.2f} of SigAcc)"
+
+
 @dataclass
 class Allocation:
     """The result of an allocation: a method per device plus what explains it."""
@@ -194,6 +220,8 @@ class Allocation:
     rules: dict[str, str] = field(default_factory=dict)
     ambiguous: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    acc_factor: tuple[float, str] | None = None
+    """Deploy-aware FedHQ: the factor SigAcc was scaled by, and why."""
 
 
 @dataclass
@@ -204,6 +232,12 @@ class AllocationInput:
     local_epochs: float
     batch_size: int
     model_bytes: int
+    deploy_widths: dict[str, int] = field(default_factory=dict)
+    """The width each device will deploy at (planned before training)."""
+    ptq_loss: dict[int, float] | None = None
+    """Accuracy the global model lost under PTQ per width at the last evaluation."""
+    measured_t_fp: dict[str, float] = field(default_factory=dict)
+    """Smoothed float-step seconds per device from its updates (docs/allocation.md#runtime)."""
 
     @property
     def devices(self) -> list[str]:
@@ -221,6 +255,7 @@ class AllocationInput:
                 batch_size=self.batch_size,
                 model_bytes=self.model_bytes,
                 calib_batches=calib_batches,
+                measured_t_fp=self.measured_t_fp.get(dev),
             )
             for dev in self.devices
         ]
@@ -275,7 +310,15 @@ class FedHQAllocation(AllocationRule):
         costs = fleet.costs(self.cfg.calib_batches)
         xs = speed_significance(costs, self.cfg.speed_rule)
         ys = accuracy_significance(fleet.data, self.cfg.acc_rule)
-        return {dev: (xs[dev], ys[dev]) for dev in xs}, costs
+        factor = self.acc_factor(fleet)
+        scale = 1.0 if factor is None else factor[0]
+        return {dev: (xs[dev], ys[dev] * scale) for dev in xs}, costs
+
+    def acc_factor(self, fleet: AllocationInput) -> tuple[float, str] | None:
+        """Deploy-aware FedHQ's SigAcc factor; None under the paper's rule."""
+        if not self.cfg.deploy_aware:
+            return None
+        return deploy_loss_factor(fleet.deploy_widths, fleet.ptq_loss, self.cfg.deploy_loss_ref)
 
     def allocate(self, fleet: AllocationInput) -> Allocation:
         t0 = time.perf_counter()
@@ -290,6 +333,7 @@ class FedHQAllocation(AllocationRule):
             rules={dev: d.rule for dev, d in decisions.items()},
             ambiguous=sorted(d for d, dec in decisions.items() if dec.rule.startswith("ambig")),
             seconds=time.perf_counter() - t0,
+            acc_factor=self.acc_factor(fleet),
         )
 
 

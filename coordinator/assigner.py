@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import nn
 
 from bitfleet.assignment import Assignment
+from bitfleet.board_time import steps_per_round
 from bitfleet.protocol import ProtocolError
 from bitfleet.quant import SUPPORTED_BITS
 from bitfleet.quant.mpq import layer_sizes, plane_sparsity
 from bitfleet.registration import Registration
 
-from .allocation import Allocation, AllocationInput, make_allocation_rule
+from .allocation import QUANT_IN_FORWARD, Allocation, AllocationInput, make_allocation_rule
+from .candidates import WidthPlan
 from .config import JobConfig
 from .mpq import prune_grow
+from .reallocation import Hysteresis, Move, SpeedTracker
 from .state import StateStore
 
 log = logging.getLogger(__name__)
@@ -39,14 +42,17 @@ def training_bits(cfg: JobConfig, reg: Registration) -> int:
     return reg.board.deploy_width()
 
 
-def deploy_bits(cfg: JobConfig, reg: Registration) -> int:
-    """The width a device's final model is exported at (docs/allocation.md#deploy-width).
+def deploy_bits(cfg: JobConfig, reg: Registration, plan: WidthPlan | None = None) -> int:
+    """The width a device deploys at, known before training (docs/allocation.md#deploy-width).
 
-    With budgets from the profile, the budget itself; otherwise the board's width among the
-    job's `[deploy] bits`.
+    With budgets from the profile, the budget itself; a stated budget among the job's
+    `[deploy] bits`; else the width its owner's limits allow (`plan`, from the deploy stage);
+    else the widest of `[deploy] bits`.
     """
     if cfg.allocation.bits_from == "profile":
         return reg.board.deploy_width()
+    if plan is not None and reg.board.budget_bits not in cfg.deploy.bits:
+        return plan.bits
     return reg.board.deploy_width(cfg.deploy.bits)
 
 
@@ -62,8 +68,19 @@ class Assigner:
         *,
         model_bytes: int,
         publish: Callable[[str, Assignment], None],
+        plan_late: Callable[[Registration], WidthPlan | None] = lambda _reg: None,
     ) -> None:
+        """`plan_late(reg)` plans the deploy width of a device that registers after the plan."""
         self.cfg = cfg
+        self.plan_late = plan_late
+        self.plans: dict[str, WidthPlan] = {}
+        """Each device's planned deploy width (the deploy stage's, before training)."""
+        self.ptq_loss: dict[int, float] | None = None
+        """The global model's accuracy lost under PTQ per width, from the last evaluation."""
+        self.speeds = SpeedTracker()
+        self.hysteresis = Hysteresis()
+        self.moves: list[Move] = []
+        """Devices re-allocated at runtime, in order (docs/allocation.md#runtime)."""
         self.store = store
         self.publish = publish
         self.model_bytes = model_bytes
@@ -96,6 +113,10 @@ class Assigner:
         (`allocate_all`); later arrivals get the rule's answer for them then."""
         with self._lock:
             self.registrations[reg.device_id] = reg
+            if self.allocation is not None and reg.device_id not in self.plans:
+                plan = self.plan_late(reg)
+                if plan is not None:
+                    self.plans[reg.device_id] = plan
             known = self.assignments.get(reg.device_id)
             if known is not None:
                 self.publish(reg.device_id, known)  # a restarted board
@@ -104,11 +125,15 @@ class Assigner:
 
     def fleet(self) -> AllocationInput:
         t = self.cfg.training
+        regs = dict(self.registrations)
         return AllocationInput(
-            registrations=dict(self.registrations),
+            registrations=regs,
             local_epochs=t.local_epochs,
             batch_size=t.batch_size,
             model_bytes=self.model_bytes,
+            deploy_widths={d: deploy_bits(self.cfg, r, self.plans.get(d)) for d, r in regs.items()},
+            ptq_loss=self.ptq_loss,
+            measured_t_fp=self.speeds.snapshot(),
         )
 
     # -- allocation ----------------------------------------------------------------------------
@@ -124,6 +149,7 @@ class Assigner:
                     allocation.strategies[dev] = record.strategy
             self.allocation = allocation
             self.seconds["coarse"] = allocation.seconds
+            self.hysteresis.settle(allocation.strategies)
             for dev, strategy in allocation.strategies.items():
                 self._assign(dev, strategy)
         counts: dict[str, int] = {}
@@ -136,6 +162,40 @@ class Assigner:
         """Give `device` the assignment for `strategy` (the fine stage's trials and choice)."""
         with self._lock:
             self._assign(device, strategy)
+
+    def reallocate(self, rnd: int) -> list[Move]:
+        """Decide the fleet again before round `rnd` with the speeds its updates measured and
+        the PTQ loss last evaluated; move the devices whose new side held `HOLD_ROUNDS`
+        decisions (docs/allocation.md#runtime). The fine stage's choices stand until the
+        coarse decision itself changes."""
+        a = self.cfg.allocation
+        if a.mode != "fedhq" or not a.reallocate or self.allocation is None:
+            return []
+        with self._lock:
+            fresh = self.rule.allocate(self.fleet())
+            moved = self.hysteresis.decide(fresh.strategies)
+            self.allocation.significance.update(fresh.significance)
+            self.allocation.acc_factor = fresh.acc_factor
+            moves = []
+            for dev in moved:
+                old = self.assignments[dev].strategy if dev in self.assignments else "-"
+                new = fresh.strategies[dev]
+                x, y = fresh.significance.get(dev, (0.0, 0.0))
+                t_fp = self.speeds.t_fp.get(dev)
+                why = f"x={x:.2f} y={y:.2f} {fresh.rules.get(dev, '')}"
+                if t_fp is not None:
+                    why += f", float step {t_fp * 1e3:.1f} ms (smoothed)"
+                if fresh.acc_factor is not None:
+                    why += f"; {fresh.acc_factor[1]}"
+                self.allocation.strategies[dev] = new
+                self.allocation.rules[dev] = fresh.rules.get(dev, "runtime")
+                if old != new:
+                    moves.append(Move(rnd, dev, old, new, why))
+                    self._assign(dev, new)
+            self.moves.extend(moves)
+        for m in moves:
+            log.info("round %d: %s moves %s -> %s (%s)", rnd, m.device, m.old, m.new, m.reason)
+        return moves
 
     def _strategy_for(self, device: str) -> str:
         if self.cfg.allocation.mode == "fixed":
@@ -156,9 +216,12 @@ class Assigner:
         bits = training_bits(self.cfg, reg)
         bit_set = None
         if strategy == "mqat":
-            # Every width the board can run or store (a profile's widths are 2..8 bits).
-            supported = {*reg.board.storage_bits, *reg.board.deploy_bits}
-            bit_set = tuple(a.bit_set) or tuple(sorted(supported))
+            # Deploy-aware: the widths the fleet deploys at; else every width the board can
+            # run or store (a profile's widths are 2..8 bits).
+            widths = {*reg.board.storage_bits, *reg.board.deploy_bits}
+            if a.mode == "fedhq" and a.deploy_aware:
+                widths = {b for b in self.fleet().deploy_widths.values() if b <= 8} or widths
+            bit_set = tuple(a.bit_set) or tuple(sorted(widths))
         layers = None
         if strategy == "mpq":
             previous = self.assignments.get(device)
@@ -175,7 +238,7 @@ class Assigner:
             per_layer_bits=layers,
             step=a.step if strategy in ("qat", "mqat") and a.step != "frozen" else None,
             lasso=a.mpq_lasso if strategy == "mpq" else None,
-            deploy_bits=deploy_bits(self.cfg, reg),
+            deploy_bits=deploy_bits(self.cfg, reg, self.plans.get(device)),
         )
 
     def _assign(self, device: str, strategy: str) -> None:
@@ -193,6 +256,23 @@ class Assigner:
         self.store.set_assignment(
             device, assignment.strategy, assignment.bits, assignment.per_layer_bits
         )
+
+    def observe(self, updates: Iterable[Any], ptq_loss: dict[int, float] | None) -> None:
+        """What a round measured: each update's training time on its board, and the PTQ loss
+        of the last evaluated global model (None: none evaluated yet)."""
+        t = self.cfg.training
+        for upd in updates:
+            assignment = self.assignments.get(upd.device)
+            reg = self.registrations.get(upd.device)
+            if upd.board_seconds is None or assignment is None or reg is None:
+                continue
+            quant = assignment.strategy in QUANT_IN_FORWARD
+            steps = steps_per_round(upd.n_samples, t.batch_size, t.local_epochs)
+            self.speeds.observe(
+                upd.device, upd.board_seconds, steps, reg.qat_overhead if quant else 1.0
+            )
+        if ptq_loss is not None:
+            self.ptq_loss = ptq_loss
 
     # -- FedMPQ ----------------------------------------------------------------------------
 

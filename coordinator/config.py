@@ -264,6 +264,13 @@ class AllocationSection:
     )
     speed_rule: str = _key("critical", "str", _one_of(SPEED_RULES), doc="SigSpeed definition")
     acc_rule: str = _key("fit", "str", _one_of(ACC_RULES), doc="SigAcc from the fit or raw")
+    deploy_aware: bool = _key(
+        False, "bool", doc="fedhq: SigAcc scaled by the PTQ loss at the fleet's deploy widths"
+    )
+    deploy_loss_ref: float = _key(
+        0.02, "float", _gt(0), _le(1), doc="deploy-aware: PTQ loss that counts SigAcc fully"
+    )
+    reallocate: bool = _key(True, "bool", doc="fedhq: decide again each round from speeds")
     calib_batches: int = _key(8, "int", _ge(0), doc="PTQ calibration batches in T(PTQ)")
     fine: bool = _key(False, "bool", doc="fedhq: run the fine ML-based adjustment")
     fine_candidates: int = _key(6, "int", _ge(2), doc="trial assignments of ambiguous devices")
@@ -283,11 +290,15 @@ class AllocationSection:
 
 @dataclass(frozen=True)
 class DeploySection:
-    """`[deploy]`: the bit-widths exported at the end and how their weights are stored."""
+    """`[deploy]`: the widths a device's candidates are exported at, and how the boards time
+    them (docs/export.md#deploy-candidates)."""
 
     bits: tuple[int, ...] = _key((8, 4, 2), "int-list", _bits_list)
     storage: str = _key(
-        "auto", "str", _one_of(STORAGE_MODES), doc="auto: each board's profile decides"
+        "auto", "str", _one_of(STORAGE_MODES), doc="auto: int8 and packed candidates both"
+    )
+    timing_timeout_s: float = _key(
+        120.0, "float", _gt(0), doc="how long boards have to time their candidates"
     )
 
 

@@ -1,68 +1,51 @@
-"""The end of a job: one quantized ONNX model per device, exported and sent to it.
+"""The end of a job: every device's candidates scored and timed, the best one sent to it.
 
-Each device's model is the global model deployed at the width its assignment names (its
-FedMPQ layer bits, else its deploy width) in the storage its board wants, written by the
-exporter registered as `bitfleet.exporters: onnx` (the export role, found through an entry
-point so the coordinator never imports it). Devices that want the same file share one export;
-its metadata names the strategy the device trained with (docs/export.md).
+Each device's candidates are the variants of the final global model its onnxruntime loads
+(`coordinator.candidates`): float, int8 with integer kernels, int8 weights, 4- and 2-bit packed
+weights, FedMPQ's widths where it trained them. The coordinator scores each file's accuracy on
+its held-out set, the device times each on itself, and `bitfleet.deploy.choose` takes the most
+accurate one that meets the device's limits, ties going to the faster and then the smaller
+(docs/export.md#deploy-candidates). The exporter is the one registered as
+`bitfleet.exporters: onnx`, found through an entry point so the coordinator never imports it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitfleet import plugins
+import numpy as np
+
 from bitfleet.assignment import Assignment
 from bitfleet.data import ImageData
+from bitfleet.deploy import CANDIDATE_KINDS, CandidateScore, DeployChoice, choose
 from bitfleet.protocol import Topics, make_message, split_payload
 from bitfleet.registration import Registration
-from bitfleet.runtime_facts import OPSET_INT2
 
+from .candidates import CandidateFile, CandidateSet, calibration_pixels, score_files
 from .config import JobConfig
 from .global_model import GlobalModel
 
 log = logging.getLogger(__name__)
 
-EXPORT_CALIB_SAMPLES = 256
-"""Training images that calibrate the exported models' activation ranges."""
-
 EXPORT_ATTEMPTS = 2
 """Tries per device: a second one for a passing fault (a full disk freed, a broker blip)."""
+
+Timings = Callable[[Mapping[str, Mapping[str, CandidateFile]]], Mapping[str, Mapping]]
 
 
 @dataclass
 class Delivery:
-    """The end of a job per device: the file each device was sent, and why each device that
-    got none did not (the last attempt's error)."""
+    """The end of a job per device: the file each device was sent, why each device that got
+    none did not (the last attempt's error), and every device's candidates and choice."""
 
     files: dict[str, Path] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
-
-
-def deploy_storage(cfg: JobConfig, reg: Registration) -> str:
-    """How a device's sub-8-bit weights are stored: `[deploy] storage`, where `auto` (the
-    default) lets the board's profile decide (int8 kernels for speed, packed for size)."""
-    storage = cfg.deploy.storage
-    return reg.board.preferred_storage if storage == "auto" else storage
-
-
-def max_opset(reg: Registration) -> int:
-    """The newest opset a device's file may use: what its onnxruntime loads, where it said;
-    beyond `OPSET_INT2` nothing the exporter writes changes, so files are shared above it."""
-    return OPSET_INT2 if reg.runtime is None else min(reg.runtime.max_opset, OPSET_INT2)
-
-
-def _tag(bits: int | dict[str, int]) -> str:
-    if isinstance(bits, dict):  # FedMPQ: per-layer bits, named by their digest
-        digest = hashlib.sha256(json.dumps(bits, sort_keys=True).encode()).hexdigest()
-        return f"mixed{sum(bits.values()) / len(bits):.1f}-{digest[:6]}"
-    return f"{bits}bit"
+    choices: dict[str, DeployChoice] = field(default_factory=dict)
 
 
 def export_and_deliver(
@@ -73,73 +56,65 @@ def export_and_deliver(
     assignments: Mapping[str, Assignment],
     registrations: Mapping[str, Registration],
     data: ImageData,
+    held_out: tuple[np.ndarray, np.ndarray],
     out_dir: Path,
     source_round: int | None,
-    accuracy: Mapping[str, float],
+    timings: Timings,
     transport: Any,
     topics: Topics,
 ) -> Delivery:
-    """Export every assigned device's model into `out_dir` and publish it on its model topic.
+    """Choose and send every assigned device's model; files go into `out_dir`.
 
-    `accuracy` is the last round's PyTorch accuracy per deploy width, recorded in the files.
-    One device's failure, whatever it is, costs that device a second attempt and then its
-    model, never another device's: the reason is kept in the returned `Delivery`.
+    `held_out` is the coordinator's evaluation set ([0, 1] pixels, labels) the candidates are
+    scored on; `timings(files by device)` has the devices time their candidates and returns
+    what they answered. One device's failure, whatever it is, costs that device a second
+    attempt and then its model, never another device's: the reason is kept in the result.
     """
-    exporter = plugins.load("bitfleet.exporters", "onnx")
-    spec = model.spec
-    calib = data.train_x[:EXPORT_CALIB_SAMPLES].float().div(255).numpy()
-    shape = (spec.in_channels, spec.image_size, spec.image_size)
-    files: dict[tuple[str, str, str, int], Path] = {}
-    delivery = Delivery()
-    # Names carry the strategy only where the fleet mixes them (FedHQ, random hybrid).
-    mixed = len({a.strategy for a in assignments.values()}) > 1
-
-    def deliver(device: str, assignment: Assignment, bits: int | dict[str, int]) -> Path:
-        storage = deploy_storage(cfg, registrations[device])
-        opset = max_opset(registrations[device])
-        key = (assignment.strategy, _tag(bits), storage, opset)
-        if key not in files:
-            parts = [cfg.model.name, *([assignment.strategy] if mixed else []), *key[1:3]]
-            if opset < OPSET_INT2:  # another container than the newest runtimes get
-                parts.append(f"opset{opset}")
-            name = "-".join(parts) + ".onnx"
-            files[key] = exporter(
-                model.deployed(model.state, bits),
-                out_dir / name,
-                shape,
-                storage=storage,
-                activations=storage == "int8",
-                calib=calib,
-                max_opset=opset,
-                metadata={
-                    "strategy": assignment.strategy,
-                    "source_round": source_round,
-                    "job_id": job_id,
-                    "accuracy_pytorch": accuracy.get(str(bits)),
-                    "class_labels": list(spec.class_names),
-                },
-            ).path
-        path = files[key]
-        meta = {
+    candidates = CandidateSet(
+        cfg,
+        model,
+        model.state,
+        calibration_pixels(data.train_x),
+        out_dir,
+        {
+            "source_round": source_round,
             "job_id": job_id,
-            "bits": bits if isinstance(bits, int) else max(bits.values()),
-            "per_layer_bits": bits if isinstance(bits, dict) else None,
-            "storage": storage,
-            "filename": f"{job_id}-{path.name}",
-        }
-        chunks = split_payload("model", make_message("model", meta), path.read_bytes())
-        transport.publish_many(topics.model(device), chunks)
-        log.info("sent %s its model %s", device, path.name)
-        return path
-
-    for device in sorted(assignments):
-        assignment = assignments[device]
-        bits = assignment.final_bits()
-        if bits is None or device not in registrations:
-            continue
+            "class_labels": list(model.spec.class_names),
+        },
+    )
+    delivery = Delivery()
+    devices = [d for d in sorted(assignments) if d in registrations]
+    files: dict[str, dict[str, CandidateFile]] = {}
+    for device in devices:
+        got, failed = candidates.for_device(cfg, registrations[device], assignments[device])
+        if got:
+            files[device] = got
+        else:
+            delivery.failed[device] = "no candidate exported: " + "; ".join(failed.values())
+    accuracy = score_files([f for fs in files.values() for f in fs.values()], *held_out)
+    timed = timings(files)
+    for device, fs in files.items():
+        answered = timed.get(device, {})
+        scores = []
+        for name, f in fs.items():
+            t = answered.get(name)
+            scores.append(
+                CandidateScore(
+                    name,
+                    f.bytes,
+                    accuracy[f.path],
+                    None if t is None else t.latency_ms,
+                    None if t is None else t.memory_bytes,
+                )
+            )
+        choice = choose(scores, registrations[device].limits)
+        delivery.choices[device] = choice
+        log.info("%s: %s (%s)", device, choice.chosen, choice.reason)
+        chosen = fs[choice.chosen]
         for attempt in range(1, EXPORT_ATTEMPTS + 1):
             try:
-                delivery.files[device] = deliver(device, assignment, bits)
+                _send(chosen, device, assignments[device], job_id, transport, topics)
+                delivery.files[device] = chosen.path
                 delivery.failed.pop(device, None)
                 break
             except Exception as exc:  # noqa: BLE001 - any fault of one device's model stays its own
@@ -149,3 +124,31 @@ def export_and_deliver(
                 )
                 delivery.failed[device] = why
     return delivery
+
+
+def _send(
+    f: CandidateFile,
+    device: str,
+    assignment: Assignment,
+    job_id: str,
+    transport: Any,
+    topics: Topics,
+) -> None:
+    bits = f.bits
+    meta = {
+        "job_id": job_id,
+        "bits": bits if isinstance(bits, int) else max(bits.values()),
+        "per_layer_bits": bits if isinstance(bits, dict) else None,
+        "storage": "float" if CANDIDATE_KINDS[f.name].bits == 32 else f.storage,
+        "filename": f"{job_id}-{f.path.name}",
+        "candidate": f.name,
+        "strategy": assignment.strategy,
+    }
+    chunks = split_payload("model", make_message("model", meta), f.path.read_bytes())
+    transport.publish_many(topics.model(device), chunks)
+    log.info("sent %s its model %s", device, f.path.name)
+
+
+def choices_json(choices: Mapping[str, DeployChoice]) -> str:
+    """The choices as the store keeps them (meta `deploy_choices`)."""
+    return json.dumps({d: c.to_dict() for d, c in choices.items()})

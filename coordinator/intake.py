@@ -3,7 +3,8 @@
 Runs on the network thread, so it only parses, checks and enqueues; nothing here touches the
 model. A registration becomes a `Registration` (checked once, at the door: `bitfleet.registration`)
 handed to the coordinator; a status message updates presence; update chunks are reassembled
-and become `Update` events on a queue the round runner reads (docs/round.md#intake).
+and become `Update` events on a queue the round runner reads (docs/round.md#intake); a board's
+timing of a deploy candidate becomes a `TimingReport` on `timings`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitfleet.deploy import CandidateTiming
 from bitfleet.protocol import (
     ProtocolError,
     Reassembler,
@@ -36,6 +38,10 @@ UPLOADS_PER_DEVICE = 2
 """Each device's byte quota, in updates: one upload in flight, and the next one starting
 while a redelivered chunk of the last is still on its way (docs/protocol.md#reassembly-quotas)."""
 
+
+MAX_PENDING_TIMINGS = 65536
+"""Timings held for the exchange in progress: a device answers once per candidate, so more
+than this is a flood, dropped (`timing_overflow`) instead of growing without bound."""
 
 MIN_UPLOAD_CHUNK = 1024
 """The smallest chunk an agent uploads in (`agent run --chunk-kib 1`)."""
@@ -60,6 +66,15 @@ class Update:
     trial: int | None
     state: dict[str, torch.Tensor]
     payload_bytes: int
+
+
+@dataclass(frozen=True)
+class TimingReport:
+    """One device's timing of one deploy candidate, for the phase that sent it."""
+
+    device: str
+    phase: str
+    timing: CandidateTiming
 
 
 class Intake:
@@ -95,6 +110,9 @@ class Intake:
             slot_of=lambda meta: (meta.get("round"), meta.get("trial")),
         )
         self.updates: queue.Queue[Update] = queue.Queue()
+        self.timings: queue.Queue[TimingReport] = queue.Queue(MAX_PENDING_TIMINGS)
+        self.timing_phase: str | None = None
+        """The phase of the candidate exchange in progress; timings outside one are dropped."""
         self.dropped: dict[str, int] = {}
 
     def drop(self, reason: str, topic: str, detail: object = "") -> None:
@@ -119,6 +137,8 @@ class Intake:
                 done = self.reassembler.add(payload, source=device)
                 if done is not None:
                     self._update(device, done.meta, done.blob)
+            elif kind == "timing":
+                self._timing(device, decode_message(payload, "timing"))
         except ProtocolError as exc:
             self.drop(exc.reason, topic, exc)
 
@@ -130,6 +150,21 @@ class Intake:
         self.store.set_online(device, True)
         log.info("registered %s (%s samples)", device, registration.data.n_samples)
         self.on_register(registration)
+
+    def _timing(self, device: str, msg: dict) -> None:
+        if msg["device_id"] != device:
+            raise ProtocolError("bad_device_id", f"timing for {msg['device_id']} on {device}")
+        if msg["job_id"] != self.job_id:
+            raise ProtocolError("wrong_job", f"timing for job {msg['job_id']}")
+        if msg["phase"] != self.timing_phase:
+            raise ProtocolError("unexpected_timing", f"no {msg['phase']} exchange in progress")
+        timing = CandidateTiming(
+            msg["name"], float(msg["latency_ms"]), int(msg["memory_bytes"]), msg["source"][:200]
+        )
+        try:
+            self.timings.put_nowait(TimingReport(device, msg["phase"], timing))
+        except queue.Full:
+            raise ProtocolError("timing_overflow", "too many timings pending") from None
 
     def _update(self, device: str, meta: dict, blob: bytes) -> None:
         msg = validate_message(meta, "update")  # every number in range (bitfleet.protocol)

@@ -156,4 +156,3 @@ def prune_grow(
                 remaining -= u * b
                 break
     return {n: bits[n] for n in sizes}
-

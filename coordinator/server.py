@@ -7,8 +7,8 @@ The loop only drives; each job has a collaborator of its own (docs/round.md):
   round on the boards' clock; FedHQ's fine stage (`run_fine_stage`) runs its trials through it;
 - the server optimiser (`coordinator.server_optimizers`) turns a round's mean into the next
   global model, which is checkpointed before anything else happens;
-- `Evaluator` scores each round beside the next; `export_and_deliver` sends every device its
-  model at the end.
+- `Evaluator` scores each round beside the next; `DeployStage` plans every device's deploy
+  width before training and sends each its best candidate at the end.
 Network callbacks only parse and enqueue; this loop owns the model, so aggregation never races
 the next dispatch. `run()` returns a `JobResult`, the public account of the job.
 """
@@ -21,71 +21,31 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bitfleet.assignment import Assignment
 from bitfleet.data import DATASET_SPECS, ImageData, load_dataset
+from bitfleet.deploy import DeployChoice
 from bitfleet.protocol import BrokerAddress, MqttTransport, Topics, encode_message, parse_broker_url
 from bitfleet.quant.modules import BitMap
 from bitfleet.registration import Registration
 
-from .allocation import Allocation
 from .assigner import Assigner
 from .checkpoint import load_latest_checkpoint, save_checkpoint
 from .config import JobConfig, config_hash
-from .delivery import export_and_deliver
+from .deployment import DeployStage
 from .evaluation import Evaluator
 from .fine_stage import run_fine_stage
 from .global_model import GlobalModel, StateDict
 from .intake import Intake
+from .results import JobResult, RoundReport
 from .rounds import RoundRunner
 from .server_optimizers import make_server_optimizer
 from .state import StateStore
 from .validation import NORMS_KEY, UpdateValidator
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RoundReport:
-    """What one round did; the demo prints it and the report tables it."""
-
-    round: int
-    selected: list[str]
-    received: list[str]
-    stragglers: list[str]
-    train_loss: float
-    host_seconds: float
-    wait_seconds: float
-    overhead_seconds: float
-    sim_seconds: float
-    acc_fp32: float | None = None
-    acc_deploy: dict[str, float] = field(default_factory=dict)
-    dropped: dict[str, int] = field(default_factory=dict)
-    """Messages and updates dropped since the job started, per reason."""
-
-
-@dataclass
-class JobResult:
-    """What a finished (or stopped) job produced: what the simulator, the demo and the CLI
-    read, instead of the coordinator's insides."""
-
-    job_id: str
-    reports: list[RoundReport]
-    global_state: StateDict
-    assignments: dict[str, Assignment]
-    """Every device's last assignment; `final_bits()` is what its model was exported at."""
-    registrations: dict[str, Registration]
-    allocation: Allocation | None
-    allocation_seconds: dict[str, float]
-    fine: dict[str, Any]
-    """FedHQ's fine-stage report; empty when it did not run."""
-    exported: dict[str, Path]
-    export_failures: dict[str, str]
-    """Devices that got no model, and why (the last attempt's error)."""
-    dropped: dict[str, int]
 
 
 class Coordinator:
@@ -133,17 +93,11 @@ class Coordinator:
         """Set once the coordinator is connected and subscribed: boards may start."""
         self.reports: list[RoundReport] = []
         self.fine: dict[str, Any] = {}
+        self.deploy: dict[str, DeployChoice] = {}
         self.exported: dict[str, Path] = {}
         self.export_failures: dict[str, str] = {}
         self._stop = threading.Event()
         self.transport: Any = None
-        self.assigner = Assigner(
-            cfg,
-            self.store,
-            self.model.module,
-            model_bytes=self.model.payload_bytes,
-            publish=self._publish_assignment,
-        )
         self.intake = Intake(
             self.topics,
             self.store,
@@ -151,6 +105,27 @@ class Coordinator:
             num_classes=self.spec.num_classes,
             update_bytes=self.model.payload_bytes,
             on_register=self._on_register,
+        )
+        self.deployment = DeployStage(
+            cfg,
+            self.model,
+            self.intake,
+            self.topics,
+            job_id=self.job_id,
+            state_dir=self.state_dir,
+            transport=lambda: self.transport,
+            data=lambda: self.data,
+            held_out=self._held_out,
+            online=lambda: {d.id for d in self.store.devices(online_only=True)},
+            stop=self._stop,
+        )
+        self.assigner = Assigner(
+            cfg,
+            self.store,
+            self.model.module,
+            model_bytes=self.model.payload_bytes,
+            publish=self._publish_assignment,
+            plan_late=self.deployment.plan_late,
         )
         self.runner = RoundRunner(
             cfg,
@@ -191,6 +166,10 @@ class Coordinator:
         """Updates received but not folded yet (what the fold still owes in memory)."""
         return self.intake.updates.qsize()
 
+    def _held_out(self) -> tuple[Any, Any]:
+        x, y = self.evaluator.test_set()
+        return x.float().div(255).numpy(), y.numpy()
+
     def evaluate_state(self, state: StateDict, bits: BitMap) -> float:
         """Test accuracy of `state` deployed at `bits` (one width, or per layer)."""
         return self.evaluator.accuracy(state, bits)
@@ -221,7 +200,7 @@ class Coordinator:
         options = dict(
             client_id=f"bitfleet-coordinator-{self.cfg.job.fleet}",
             on_message=self.intake.on_message,
-            subscriptions=[self.topics.all(k) for k in ("register", "status", "update")],
+            subscriptions=[self.topics.all(k) for k in ("register", "status", "update", "timing")],
             on_connect=self.runner.resend,
             ca_file=self.ca_file,
         )
@@ -234,6 +213,7 @@ class Coordinator:
         try:
             self._wait_for_devices()
             self._settle_registrations()
+            self.assigner.plans = self.deployment.plan(self.assigner.registrations)
             self._allocate(resumed=start_round > 0)
             for rnd in range(start_round, self.cfg.training.rounds):
                 if self._stop.is_set():
@@ -261,6 +241,9 @@ class Coordinator:
             exported=dict(self.exported),
             export_failures=dict(self.export_failures),
             dropped=dict(self.dropped),
+            deploy=dict(self.deploy),
+            plans=dict(self.assigner.plans),
+            moves=list(self.assigner.moves),
         )
 
     def _resume(self) -> int:
@@ -338,6 +321,7 @@ class Coordinator:
     def _run_round(self, rnd: int) -> None:
         t_start = time.perf_counter()
         self._wait_for_devices(patience_s=self.cfg.rounds.deadline_s)
+        self.assigner.reallocate(rnd)
         selected = self.runner.select(rnd, self.assigner.assignments)
         self.store.open_round(rnd, selected)
         dropped_before = dict(self.dropped)
@@ -350,6 +334,7 @@ class Coordinator:
         server_state = {**self.optimizer.state_dict(), **self.validator.state_dict()}
         save_checkpoint(self.state_dir, rnd, self.model.state, server_state)
         self.assigner.update_layer_bits(self.model.module)
+        self.assigner.observe(received.values(), self._ptq_loss())
         stragglers = [d for d in selected if d not in received]
         host_s = time.perf_counter() - t_start
         dropped = dict(self.dropped)
@@ -380,21 +365,20 @@ class Coordinator:
         # `load` replaces the state with new tensors, never writes into it: no copy needed.
         self.evaluator.start(report, self.model.state)
 
+    def _ptq_loss(self) -> dict[int, float] | None:
+        """Accuracy lost under PTQ per width by the last evaluated round's model."""
+        done = [r for r in self.reports if r.acc_fp32 is not None and r.acc_deploy]
+        if not done:
+            return None
+        last = done[-1]
+        return {int(b): last.acc_fp32 - a for b, a in last.acc_deploy.items()}  # type: ignore[operator]
+
     def _export(self) -> None:
         last = self.reports[-1] if self.reports else None
-        delivery = export_and_deliver(
-            self.cfg,
-            self.model,
-            job_id=self.job_id,
-            assignments=self.assigner.assignments,
-            registrations=self.assigner.registrations,
-            data=self.data,
-            out_dir=self.state_dir / "exports",
-            source_round=last.round if last else None,
-            accuracy=last.acc_deploy if last else {},
-            transport=self.transport,
-            topics=self.topics,
+        delivery = self.deployment.deliver(
+            self.assigner.assignments, self.assigner.registrations, last.round if last else None
         )
         self.exported, self.export_failures = delivery.files, delivery.failed
+        self.deploy = delivery.choices
         if delivery.failed:
             self.store.set_meta("export_failures", json.dumps(delivery.failed))

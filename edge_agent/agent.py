@@ -27,6 +27,7 @@ import torch
 from bitfleet.assignment import Assignment
 from bitfleet.board_time import steps_per_round
 from bitfleet.data import DATASET_SPECS, ImageData, load_dataset, partition
+from bitfleet.deploy import DeployLimits
 from bitfleet.models import create_model_for
 from bitfleet.profiles import (
     detect_board,
@@ -51,9 +52,12 @@ from bitfleet.protocol import (
     validate_device_id,
     validate_message,
 )
+from bitfleet.quant.methods import QUANT_IN_FORWARD
 from bitfleet.registration import DataSummary, Registration
 from bitfleet.runtime_facts import probe_runtime
 from bitfleet.training import train
+
+from .candidate_timing import time_candidate
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,8 @@ class AgentOptions:
     quiet: bool = False
     chunk_size: int = 2**20
     """Upload chunk size in bytes (<= 1 MiB): smaller chunks resend less on a flaky link."""
+    limits: DeployLimits = DeployLimits()
+    """What the owner allows this board's model (size, batch-1 latency), sent at registration."""
 
 
 def stable_device_id(state_dir: Path) -> str:
@@ -135,7 +141,8 @@ def load_local_data(opts: AgentOptions) -> tuple[torch.Tensor, torch.Tensor]:
     return data.train_x[idx], data.train_y[idx]
 
 
-BoardClock = Callable[[str, int], float]
+BoardClock = Callable[[str, int, int], float]
+"""(strategy, optimiser steps, round) -> seconds the round's training takes on the board."""
 
 _T = TypeVar("_T")
 ComputeRunner = Callable[[Callable[[], Any]], Any]
@@ -145,9 +152,6 @@ shared thread); the default runs it right here."""
 
 def _run_here(work: Callable[[], _T]) -> _T:
     return work()
-
-
-"""(strategy, optimiser steps) -> seconds the round's training takes on the board."""
 
 
 class EdgeAgent:
@@ -210,6 +214,12 @@ class EdgeAgent:
             )
         return profile_summary(board, measure_machine(), steps, probe_runtime())
 
+    def _with_limits(self, profile: dict) -> dict:
+        """The profile as registered: with the owner's limits where any are set."""
+        if not self.opts.limits.any:
+            return profile
+        return {**profile, "limits": self.opts.limits.to_dict()}
+
     def _heartbeat(self) -> None:
         assert self.transport is not None
         self._said_online_at = time.monotonic()
@@ -235,7 +245,7 @@ class EdgeAgent:
                 return
             if kind == "assign":
                 self._take_assignment(decode_message(payload, "assign"))
-            elif kind in ("task", "model"):
+            elif kind in ("task", "model", "candidate"):
                 done = self.reassembler.add(payload, source=kind)
                 if done is not None:
                     self.inbox.put((kind, validate_message(done.meta, kind), done.blob))
@@ -257,14 +267,15 @@ class EdgeAgent:
         # Only statistics leave the board: the histogram and its fitted rank-frequency profile
         # (FedHQ's accuracy significance, docs/allocation.md#sigacc), never samples.
         data = DataSummary.of_labels(self.y.numpy(), spec.num_classes)
-        profile = self._given_profile or self._profile()
+        profile = self._with_limits(self._given_profile or self._profile())
         # Read back as the coordinator will: a profile it would refuse fails here, at start.
         self.registration = Registration.from_stored(self.device_id, profile, data.to_dict())
         self.board = self.registration.board
         # A board named with --profile that is not the machine this runs on (the demo's
         # virtual boards): its times are scaled to that board. On the board itself, or with
         # --profile auto, the measured time is the board's time.
-        self.emulated = self.opts.profile != "auto" and detect_board().name != self.board.name
+        self.host_board = detect_board()
+        self.emulated = self.opts.profile != "auto" and self.host_board.name != self.board.name
         offline = encode_message("status", {"device_id": self.device_id, "online": False})
         self.transport = self._connect(
             client_id=f"bitfleet-agent-{self.opts.fleet}-{self.device_id}",
@@ -274,6 +285,7 @@ class EdgeAgent:
                 self.topics.assign(self.device_id),
                 self.topics.task(self.device_id),
                 self.topics.model(self.device_id),
+                self.topics.candidate(self.device_id),
             ],
             on_connect=self._register,
             ca_file=self.opts.ca_file,
@@ -292,6 +304,8 @@ class EdgeAgent:
                     continue
                 if kind == "task":
                     self._train(meta, blob)
+                elif kind == "candidate":
+                    self._time_candidate(meta, blob)
                 else:
                     self._store_model(meta, blob)
         finally:
@@ -353,7 +367,9 @@ class EdgeAgent:
             "n_samples": len(self.y),
             "train_loss": float(loss),
             "train_seconds": seconds,
-            "board_seconds": self._board_seconds(seconds, method.name, epochs, batch_size),
+            "board_seconds": self._board_seconds(
+                seconds, method.name, epochs, batch_size, int(task["round"])
+            ),
         }
         if task.get("trial") is not None:
             meta["trial"] = task["trial"]
@@ -370,7 +386,9 @@ class EdgeAgent:
             f"loss {loss:.3f}, {seconds:.1f} s"
         )
 
-    def _board_seconds(self, seconds: float, strategy: str, epochs: float, batch: int) -> float:
+    def _board_seconds(
+        self, seconds: float, strategy: str, epochs: float, batch: int, rnd: int
+    ) -> float:
         """This round's training time on the board the agent stands for
         (docs/simulation.md#the-board-clock).
 
@@ -378,10 +396,35 @@ class EdgeAgent:
         profile named with `--profile` on another machine) scales to the board's speed.
         """
         if self.clock is not None:
-            return self.clock(strategy, steps_per_round(len(self.y), batch, epochs))
+            return self.clock(strategy, steps_per_round(len(self.y), batch, epochs), rnd)
         if not self.emulated:
             return seconds
-        return seconds / self.board.relative_speed
+        board_s = seconds / self.board.relative_speed
+        if strategy in QUANT_IN_FORWARD:  # the board's own QAT cost, not this host's
+            board_s *= self.board.qat_overhead / self.host_board.qat_overhead
+        return board_s
+
+    def _time_candidate(self, meta: dict, blob: bytes) -> None:
+        """Time one deploy candidate on this board and say how it went
+        (docs/export.md#deploy-candidates); a file that does not load is reported by its
+        absence: the coordinator then chooses without its timing."""
+        try:
+            timing = time_candidate(blob, self.board, emulated=self.emulated)
+        except Exception as exc:  # noqa: BLE001 - any failure of one file is that file's
+            log.warning("candidate %s did not run here: %s", meta["name"], exc)
+            return
+        body = {
+            "device_id": self.device_id,
+            "job_id": meta["job_id"],
+            "name": meta["name"],
+            "phase": meta["phase"],
+            "latency_ms": max(timing.latency_ms, 1e-6),
+            "memory_bytes": timing.memory_bytes,
+            "source": timing.source,
+        }
+        assert self.transport is not None
+        self.transport.publish(self.topics.timing(self.device_id), encode_message("timing", body))
+        log.info("candidate %s: %.3f ms (%s)", meta["name"], timing.latency_ms, timing.source)
 
     def _store_model(self, meta: dict, blob: bytes) -> None:
         out = Path(self.opts.out_dir)

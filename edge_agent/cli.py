@@ -7,8 +7,6 @@ import signal
 
 from bitfleet.protocol.credentials import BROKER_ENV, PASSWORD_FILE_HELP, resolve_broker
 
-#: `--data NAME:I/N`, part I of N of a named data set (as `agent.load_local_data` reads it).
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     agent = sub.add_parser("agent", help="run the agent on a board (or a virtual board)")
@@ -53,6 +51,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="upload chunk size in KiB, 1..1024 (default 1024); smaller chunks suit slow, "
         "flaky links: a lost connection resends less",
     )
+    limits = run.add_argument_group(
+        "owner's limits",
+        "what this board's model may be (docs/export.md#deploy-candidates): the coordinator "
+        "gives it the most accurate candidate that meets them, and fewer bits only where a "
+        "limit requires it",
+    )
+    limits.add_argument(
+        "--max-model-kib",
+        type=float,
+        metavar="KIB",
+        help="largest model file in KiB (e.g. an over-the-air update budget); default: none",
+    )
+    limits.add_argument(
+        "--max-latency-ms",
+        type=float,
+        metavar="MS",
+        help="longest inference at batch 1 on this board, in ms; default: none",
+    )
     run.add_argument(
         "--no-step-measure", action="store_true", help="skip measuring step times at start"
     )
@@ -64,6 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_agent(args: argparse.Namespace) -> int:
     from bitfleet.data.availability import check_available
+    from bitfleet.deploy import DeployLimits
 
     from .agent import NAMED_PART, AgentOptions, EdgeAgent
 
@@ -71,6 +88,14 @@ def run_agent(args: argparse.Namespace) -> int:
     address = resolve_broker(args.broker, args.password_file)
     if not 1 <= args.chunk_kib <= 1024:
         raise ValueError(f"--chunk-kib must be in 1..1024, got {args.chunk_kib}")
+    for flag, value in (
+        ("--max-model-kib", args.max_model_kib),
+        ("--max-latency-ms", args.max_latency_ms),
+    ):
+        if value is not None and not 0 < value < 1e9:
+            raise ValueError(f"{flag} must be a positive number, got {value:g}")
+    kib = args.max_model_kib
+    limits = DeployLimits(None if kib is None else round(kib * 1024), args.max_latency_ms)
     named = NAMED_PART.fullmatch(args.data)
     if named is None:
         check_available(args.dataset, args.data)
@@ -94,6 +119,7 @@ def run_agent(args: argparse.Namespace) -> int:
             exit_after_model=args.exit_after_model,
             threads=args.threads,
             chunk_size=args.chunk_kib * 1024,
+            limits=limits,
         )
     )
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())

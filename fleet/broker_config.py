@@ -64,9 +64,9 @@ def acl_text(prefix: str, fleet: str, coordinator_user: str = COORDINATOR_USER) 
         f"topic readwrite {base}/#",
         "",
         "# Every other account is a device; its user name is its device id (%u).",
-        *(f"pattern write {base}/{kind}/%u" for kind in ("register", "update")),
+        *(f"pattern write {base}/{kind}/%u" for kind in ("register", "update", "timing")),
         f"pattern readwrite {base}/status/%u",
-        *(f"pattern read {base}/{kind}/%u" for kind in ("assign", "task", "model")),
+        *(f"pattern read {base}/{kind}/%u" for kind in ("assign", "task", "model", "candidate")),
     ]
     return "\n".join(lines) + "\n"
 

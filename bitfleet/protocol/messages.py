@@ -157,6 +157,12 @@ def _object(fields: Mapping[str, Check], optional: Mapping[str, Check] | None = 
 
 _BITS = _int(1, 32)
 
+
+def _phase(value: Any, path: str) -> None:
+    if value not in ("plan", "final"):
+        _fail("bad_value", path, f"expected 'plan' or 'final', got {value!r}")
+
+
 _JOB = _object(
     {
         "model": _nonempty_str,
@@ -215,6 +221,19 @@ _SCHEMAS: dict[str, Check] = {
             "bits": _BITS,
             "storage": _nonempty_str,
             "filename": _nonempty_str,
+        },
+        {"candidate": _nonempty_str},
+    ),
+    "candidate": _object({"job_id": _nonempty_str, "name": _nonempty_str, "phase": _phase}),
+    "timing": _object(
+        {
+            "device_id": _device_id,
+            "job_id": _nonempty_str,
+            "name": _nonempty_str,
+            "phase": _phase,
+            "latency_ms": _number(0, MAX_SECONDS * 1e3, positive=True),
+            "memory_bytes": _int(0, MAX_INT),
+            "source": _nonempty_str,
         }
     ),
 }

@@ -17,7 +17,7 @@ from bitfleet.protocol.errors import ProtocolError
 __all__ = ["DEVICE_ID_PATTERN", "KINDS", "Topics", "validate_device_id"]
 
 #: Message kinds, each with its own topic level.
-KINDS = ("register", "assign", "task", "update", "status", "model")
+KINDS = ("register", "assign", "task", "update", "status", "model", "candidate", "timing")
 
 #: A device id is one topic level: no `/`, no wildcards, no leading punctuation, <= 64 chars.
 DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -75,6 +75,14 @@ class Topics:
 
     def model(self, device: str) -> str:
         return self.topic("model", device)
+
+    def candidate(self, device: str) -> str:
+        """Deploy candidates the coordinator sends a device to time (docs/protocol.md)."""
+        return self.topic("candidate", device)
+
+    def timing(self, device: str) -> str:
+        """A device's timing of one candidate, back to the coordinator."""
+        return self.topic("timing", device)
 
     def all(self, kind: str) -> str:
         """Subscription matching `kind` from every device: `<base>/<kind>/+`."""

@@ -49,6 +49,8 @@ class LocalMethod:
 
     scale_method: str = "mse"
     name = "fp"
+    quant_in_forward = False
+    """Whether its training step runs the fake quantizer, and so costs a QAT step."""
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make the model quantization-aware once, before the first local step."""
@@ -103,6 +105,7 @@ class QAT(LocalMethod):
     bits: int = 4
     step: str = "frozen"
     name = "qat"
+    quant_in_forward = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         check_bits(self.bits)
@@ -132,6 +135,7 @@ class MQAT(LocalMethod):
     resample: str = "round"
     step: str = "frozen"
     name = "mqat"
+    quant_in_forward = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.resample not in ("round", "step"):
@@ -166,6 +170,7 @@ class APQN(LocalMethod):
 
     bits: int = 4
     name = "apqn"
+    quant_in_forward = True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         super().prepare(model)
@@ -221,6 +226,7 @@ class MPQ(LocalMethod):
     bits: int = 4
     lasso: float = 0.01
     name = "mpq"
+    quant_in_forward = True
 
     def bit_map(self) -> BitMap:
         """The widths this method trains at: `layer_bits`, or `bits` for every layer."""
@@ -251,6 +257,10 @@ class MPQ(LocalMethod):
 METHODS: dict[str, type[LocalMethod]] = {
     cls.name: cls for cls in (LocalMethod, PTQ, QAT, MQAT, APQN, KURE, MPQ)
 }
+
+
+QUANT_IN_FORWARD = frozenset(n for n, cls in METHODS.items() if cls.quant_in_forward)
+"""Methods whose training step runs the fake quantizer."""
 
 
 def make_method(name: str, **options: object) -> LocalMethod:

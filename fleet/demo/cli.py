@@ -29,6 +29,17 @@ if TYPE_CHECKING:
 
 DEMO_BOARDS = ("rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "x86-server")
 
+DEMO_LIMITS: dict[int, tuple[str, list[str]]] = {
+    1: (
+        "model pushed over a metered cellular link: 40 KiB per update",
+        ["--max-model-kib", "40"],
+    ),
+    2: ("camera pipeline: 2 ms per frame left for the model", ["--max-latency-ms", "2"]),
+    4: ("shared server: the model may take 100 KiB of the cache", ["--max-model-kib", "100"]),
+}
+"""The owners' limits of the demo's devices, by index, and where each comes from (what a
+deployment like it would state); the other devices have none."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser(
@@ -45,12 +56,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha (default 0.5)")
     demo.add_argument(
         "--allocation",
-        choices=("fedhq", "fixed", "random"),
-        default="fixed",
-        help="who trains how: fixed (default: every device --strategy), fedhq (QAT where it "
-        "costs no round time or the data matter most, PTQ elsewhere), random (FedRH). On the "
-        "demo fleet fedhq gives PTQ to the slow boards, which are the ones deploying at 2 bits: "
-        "rounds 17%% shorter, 2-bit accuracy 0.73 instead of 0.82",
+        choices=("fedhq", "fedhq-paper", "fixed", "random"),
+        default="fedhq",
+        help="who trains how: fedhq (default: FedHQ aware of the widths the fleet deploys at: "
+        "QAT where PTQ would lose accuracy at those widths and QAT costs little round time), "
+        "fedhq-paper (the paper's rule), fixed (every device --strategy), random (FedRH)",
+    )
+    demo.add_argument(
+        "--no-limits",
+        action="store_true",
+        help="drop the owners' limits some demo devices have (a size or latency limit each)",
     )
     demo.add_argument(
         "--strategy",
@@ -99,7 +114,8 @@ def _job(args: argparse.Namespace, out: Path) -> dict:
         },
         "server": {"optimizer": "fedavg"},
         "allocation": {
-            "mode": args.allocation,
+            "mode": "fedhq" if args.allocation.startswith("fedhq") else args.allocation,
+            "deploy_aware": args.allocation == "fedhq",
             "strategy": args.strategy,
             "qat_strategy": args.strategy,
             "bits": 4,
@@ -168,6 +184,7 @@ def _spawn_agents(
             "--threads", "1",
             "--no-step-measure",
             "--exit-after-model",
+            *([] if args.no_limits or i not in DEMO_LIMITS else DEMO_LIMITS[i][1]),
         ]  # fmt: skip
         log_file = (logs / f"{device}.log").open("w")
         agents.append((device, subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)))
@@ -239,7 +256,12 @@ def run_demo(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.stop()
     onnx = check_onnx_files(job, coordinator.data, out)
-    summary = write_outputs(job, cfg, onnx, out, time.perf_counter() - t0)
+    limits_why = {
+        name: DEMO_LIMITS[i][0]
+        for i, (name, _) in enumerate(agents)
+        if i in DEMO_LIMITS and not args.no_limits
+    }
+    summary = write_outputs(job, cfg, onnx, out, time.perf_counter() - t0, limits_why)
     if args.json:
         from bitfleet.cli.output import write_json
 

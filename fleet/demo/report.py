@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from bitfleet.data import ImageData
+from bitfleet.deploy import CANDIDATE_KINDS, DeployChoice, DeployLimits, limit_failure
 from bitfleet.extras import require
 from coordinator.config import JobConfig
 from coordinator.server import JobResult, RoundReport
@@ -21,19 +22,37 @@ def check_onnx_files(job: JobResult, data: ImageData, out: Path) -> list[dict]:
     y = data.test_y.numpy()
     last = job.reports[-1] if job.reports else None
     rows = []
+    allocation = job.allocation
     for device in sorted(job.assignments):
         assignment, reg = job.assignments[device], job.registrations[device]
-        bits = assignment.deploy_bits
+        choice = job.deploy.get(device)
+        kind = CANDIDATE_KINDS.get(choice.chosen) if choice and choice.chosen else None
+        bits = kind.weight_bits if kind is not None else assignment.deploy_bits
         files = sorted((out / "devices" / device).glob("*.onnx"))
+        sig = allocation.significance.get(device) if allocation else None
+        plan = job.plans.get(device)
         row = {
             "device": device,
             "board": reg.board.name,
             "n_samples": reg.data.n_samples,
             "strategy": assignment.strategy,
+            "strategy_why": {
+                "x": sig[0] if sig else None,
+                "y": sig[1] if sig else None,
+                "rule": allocation.rules.get(device) if allocation else None,
+            },
+            "limits": reg.limits.to_dict(),
+            "planned_bits": assignment.deploy_bits,
+            "plan_why": plan.reason if plan else "no limit: the widest width",
+            "candidate": choice.chosen if choice else None,
+            "choice_gap": _choice_gap(choice, reg.limits) if choice else None,
+            "deploy": choice.to_dict() if choice else None,
             "bits": bits,
             "onnx": str(files[0]) if files else None,
             "bytes": files[0].stat().st_size if files else None,
-            "acc_torch": last.acc_deploy.get(str(bits)) if last else None,
+            "acc_torch": (last.acc_fp32 if bits >= 32 else last.acc_deploy.get(str(bits)))
+            if last
+            else None,
             "acc_onnx": None,
             "export_failure": job.export_failures.get(device),
         }
@@ -51,6 +70,15 @@ def check_onnx_files(job: JobResult, data: ImageData, out: Path) -> list[dict]:
             row["acc_onnx"] = float((pred == y).mean())
         rows.append(row)
     return rows
+
+
+def _choice_gap(choice: DeployChoice, limits: DeployLimits) -> float:
+    """How much more accurate the best candidate within the device's limits is than the chosen
+    one (at most the accuracy tie, unless no candidate meets the limits)."""
+    meets = [c.accuracy for c in choice.candidates if limit_failure(c, limits) is None]
+    if not meets or choice.chosen is None:
+        return 0.0
+    return max(meets) - choice.score(choice.chosen).accuracy
 
 
 def _plots(reports: list[RoundReport], devices: list[dict], out: Path) -> list[str]:
@@ -96,12 +124,64 @@ def _plots(reports: list[RoundReport], devices: list[dict], out: Path) -> list[s
     return names
 
 
+def _device_sections(job: JobResult, devices: list[dict], limits_why: dict[str, str]) -> list[str]:
+    """Per device: its strategy and why, its limits and where they come from, its candidates
+    and why the chosen one won."""
+    factor = job.allocation.acc_factor if job.allocation else None
+    lines = ["## Who trained how, and why", ""]
+    if factor is not None:
+        lines += [f"Deploy-aware FedHQ: SigAcc x{factor[0]:.2f} ({factor[1]}).", ""]
+    lines += [
+        "| device | board | strategy | x (SigSpeed) | y (SigAcc) | rule |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in devices:
+        w = d["strategy_why"]
+        fx = "-" if w["x"] is None else f"{w['x']:.2f}"
+        fy = "-" if w["y"] is None else f"{w['y']:.2f}"
+        lines.append(
+            f"| {d['device']} | {d['board']} | {d['strategy']} | {fx} | {fy} | {w['rule'] or '-'} |"
+        )
+    for m in job.moves:
+        lines.append(f"\nRound {m.round + 1}: {m.device} moved {m.old} -> {m.new} ({m.reason}).")
+    lines += ["", "## Deploy candidates", ""]
+    for d in devices:
+        limits = ", ".join(f"{k} {v}" for k, v in d["limits"].items()) or "none"
+        source = limits_why.get(d["device"])
+        lines += [
+            f"### {d['device']} ({d['board']})",
+            "",
+            f"Limits: {limits}" + (f" ({source})" if source else "") + ". "
+            f"Planned width {d['planned_bits']} bits: {d['plan_why']}.",
+            "",
+        ]
+        deploy = d["deploy"]
+        if deploy is None:
+            lines += ["No candidates: " + (d["export_failure"] or "not exported"), ""]
+            continue
+        lines += [
+            "| candidate | bytes | accuracy (ORT) | latency ms (board) | |",
+            "|---|---|---|---|---|",
+        ]
+        for c in deploy["candidates"]:
+            lat = "-" if c["latency_ms"] is None else f"{c['latency_ms']:.3f}"
+            mark = (
+                "**chosen**"
+                if c["name"] == deploy["chosen"]
+                else deploy["excluded"].get(c["name"], "")
+            )
+            lines.append(f"| {c['name']} | {c['bytes']} | {c['accuracy']:.4f} | {lat} | {mark} |")
+        lines += ["", f"Why: {deploy['reason']}.", ""]
+    return lines
+
+
 def write_outputs(
     job: JobResult,
     cfg: JobConfig,
     devices: list[dict],
     out: Path,
     seconds: float,
+    limits_why: dict[str, str] | None = None,
 ) -> dict:
     """Write report.md and the plots; return the summary (the `--json` contract)."""
     reports = job.reports
@@ -114,6 +194,8 @@ def write_outputs(
         "final_acc_fp32": last.acc_fp32 if last else None,
         "final_acc_deploy": dict(last.acc_deploy) if last else {},
         "deploy_bits": {d["device"]: d["bits"] for d in devices},
+        "deploy_candidate": {d["device"]: d["candidate"] for d in devices},
+        "moves": [m.to_dict() for m in job.moves],
         "onnx_files": [d["onnx"] for d in devices if d["onnx"]],
         "coordinator_overhead_s": statistics.mean(overheads) if overheads else None,
         "round_seconds": statistics.mean(round_s) if round_s else None,
@@ -152,8 +234,8 @@ def write_outputs(
         "",
         "## Devices and their models",
         "",
-        "| device | board | samples | strategy | bits | ONNX bytes | acc torch | acc ORT |",
-        "|---|---|---|---|---|---|---|---|",
+        "| device | board | samples | strategy | model | bits | ONNX bytes | acc torch | acc ORT |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for d in devices:
         acc_t = f"{d['acc_torch']:.4f}" if d["acc_torch"] is not None else "-"
@@ -161,9 +243,10 @@ def write_outputs(
         if d["export_failure"]:  # the coordinator's reason, after its retry
             acc_o = "no model: " + d["export_failure"].replace("|", "/")
         lines.append(
-            f"| {d['device']} | {d['board']} | {d['n_samples']} | {d['strategy']} | {d['bits']} | "
-            f"{d['bytes'] or '-'} | {acc_t} | {acc_o} |"
+            f"| {d['device']} | {d['board']} | {d['n_samples']} | {d['strategy']} | "
+            f"{d['candidate'] or '-'} | {d['bits']} | {d['bytes'] or '-'} | {acc_t} | {acc_o} |"
         )
+    lines += ["", *_device_sections(job, devices, limits_why or {})]
     lines += ["", *[f"![{p}]({p})" for p in plots], ""]
     (out / "report.md").write_text("\n".join(lines))
     return summary

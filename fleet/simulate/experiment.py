@@ -28,9 +28,21 @@ EVAL_BITS_DEFAULT = (32, 8, 6, 4, 3, 2)
 
 @dataclass(frozen=True)
 class SimDevice:
+    """One virtual board; `slow_from_round` (1-based, as reports count) and `slow_factor`
+    make it train `slow_factor` times slower from that round on (thermal throttling, other
+    load: docs/allocation.md#runtime). Slow from round 1, it registers its slow step times."""
+
     id: str
     board: str
     budget_bits: int | None = None
+    slow_from_round: int | None = None
+    slow_factor: float = 1.0
+
+    def slowdown(self, rnd: int) -> float:
+        """How many times slower than its board this device trains in round `rnd` (0-based)."""
+        if self.slow_from_round is None or rnd + 1 < self.slow_from_round:
+            return 1.0
+        return self.slow_factor
 
 
 @dataclass

@@ -62,14 +62,16 @@ class VirtualFleet:
     host_steps: dict[str, float]
     num_classes: int
 
-    def clock(self, device: str) -> Callable[[str, int], float]:
-        """The device's board clock: (local method, optimiser steps) -> seconds on its board."""
+    def clock(self, device: str) -> Callable[[str, int, int], float]:
+        """The device's board clock: (local method, optimiser steps, round) -> seconds on its
+        board, slowed where the experiment slows it."""
         board = self.profiles[device]["board"]
         speed = float(board["relative_speed"])
         overhead = float(board.get("qat_overhead") or 1.0)
-        t_fp = self.host_steps["fp"] / speed
+        sim = next(d for d in self.devices if d.id == device)
 
-        def seconds(strategy: str, steps: int) -> float:
+        def seconds(strategy: str, steps: int, rnd: int) -> float:
+            t_fp = self.host_steps["fp"] / speed * sim.slowdown(rnd)
             if strategy in QUANT_IN_FORWARD:
                 return steps * t_fp * overhead
             host = self.host_steps.get(strategy, self.host_steps["fp"])
@@ -119,7 +121,7 @@ def build_fleet(
         index = torch.from_numpy(idx).long()
         fleet_data[dev.id] = (x[index], y[index])
         board = load_profile(dev.board)
-        speed = board.relative_speed
+        speed = board.relative_speed / dev.slowdown(0)  # slow from the start: it measures so
         steps = {
             "t_fp": host_steps["fp"] / speed,
             "t_qat": host_steps["fp"] / speed * board.qat_overhead,

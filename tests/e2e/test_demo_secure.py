@@ -39,6 +39,14 @@ def test_demo_secure_runs_over_tls_with_one_account_per_device(tmp_path: Path) -
     assert result["rounds_completed"] == 1 and len(result["onnx_files"]) == 2
     fleet = load_provisioned(out / "fleet")
     assert sorted(row["device"] for row in result["per_device"]) == sorted(fleet.devices)
+    # Every candidate came back timed: the ACL lets a device read its `candidate` topic and
+    # write its `timing` one. The second device's 40 KiB limit gave it fewer than 8 bits.
+    for row in result["per_device"]:
+        assert row["deploy"]["candidates"], row
+        assert all(c["latency_ms"] for c in row["deploy"]["candidates"]), row["deploy"]
+    limited = next(r for r in result["per_device"] if r["limits"])
+    assert limited["limits"] == {"max_model_bytes": 40 * 1024}
+    assert limited["bits"] < 8 and limited["bytes"] <= 40 * 1024
     for secret in [fleet.coordinator_password, *fleet.devices.values()]:
         assert secret not in done.stdout + done.stderr
     broker_log = (out / "logs" / "mosquitto.log").read_text()

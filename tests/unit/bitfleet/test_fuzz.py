@@ -139,7 +139,22 @@ BODIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     ),
     "status": st.fixed_dictionaries({"device_id": device_ids, "online": st.booleans()}),
     "model": st.fixed_dictionaries(
-        {"job_id": names, "bits": bits, "storage": names, "filename": names}
+        {"job_id": names, "bits": bits, "storage": names, "filename": names},
+        optional={"candidate": names},
+    ),
+    "candidate": st.fixed_dictionaries(
+        {"job_id": names, "name": names, "phase": st.sampled_from(["plan", "final"])}
+    ),
+    "timing": st.fixed_dictionaries(
+        {
+            "device_id": device_ids,
+            "job_id": names,
+            "name": names,
+            "phase": st.sampled_from(["plan", "final"]),
+            "latency_ms": st.floats(min_value=1e-6, max_value=1e9),
+            "memory_bytes": st.integers(0, 2**53 - 1),
+            "source": names,
+        }
     ),
 }
 
@@ -149,7 +164,7 @@ def valid_messages(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     """(type, body) that the schema accepts, with extra fields a newer sender might add."""
     kind = draw(st.sampled_from(MESSAGE_TYPES))
     body = draw(BODIES[kind])
-    reserved = ("v", "type", "trial", "board_seconds")  # checked where present
+    reserved = ("v", "type", "trial", "board_seconds", "candidate")  # checked where present
     extra_keys = st.text(max_size=8).filter(lambda k: k not in body and k not in reserved)
     body.update(draw(st.dictionaries(extra_keys, finite_json, max_size=3)))
     return kind, body

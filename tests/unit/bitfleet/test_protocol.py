@@ -125,6 +125,16 @@ VALID = {
     },
     "status": {"device_id": "rpi5-01", "online": True},
     "model": {"job_id": "j1", "bits": 8, "storage": "chunks", "filename": "m.onnx"},
+    "candidate": {"job_id": "j1", "name": "int8-qdq", "phase": "final"},
+    "timing": {
+        "device_id": "rpi5-01",
+        "job_id": "j1",
+        "name": "int8-qdq",
+        "phase": "plan",
+        "latency_ms": 0.25,
+        "memory_bytes": 123456,
+        "source": "measured",
+    },
 }
 
 

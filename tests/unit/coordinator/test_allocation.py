@@ -261,3 +261,36 @@ def test_a_registration_allocation_cannot_use_is_dropped_with_a_reason(tmp_path)
     assert coordinator.store.devices() == []
     register("good-board", [5] * 10, good)
     assert [d.id for d in coordinator.store.devices()] == ["good-board"]
+
+
+def test_deploy_aware_fedhq_trains_in_float_where_the_fleet_deploys_at_8_bits() -> None:
+    """The paper's rule gives the fast device with important data QAT whatever is deployed;
+    the deploy-aware rule only where PTQ measurably loses at the fleet's deploy widths."""
+    from dataclasses import replace
+
+    fleet = _example_fleet()
+    paper = FedHQAllocation(_cfg()).allocate(fleet)
+    assert paper.strategies["fast-big"] == "qat" and paper.acc_factor is None
+    eight = replace(fleet, deploy_widths=dict.fromkeys(fleet.devices, 8))
+    aware = FedHQAllocation(_cfg(deploy_aware=True)).allocate(eight)
+    assert set(aware.strategies.values()) == {"ptq"}
+    assert aware.acc_factor is not None and aware.acc_factor[0] == 0.0
+    low = replace(eight, deploy_widths={**eight.deploy_widths, "mid": 2})
+    unknown = FedHQAllocation(_cfg(deploy_aware=True)).allocate(low)
+    assert unknown.strategies == paper.strategies  # not measured yet: the paper's rule
+    measured = replace(low, ptq_loss={8: 0.0, 2: 0.06})
+    assert (
+        FedHQAllocation(_cfg(deploy_aware=True)).allocate(measured).strategies["fast-big"] == "qat"
+    )
+
+
+def test_measured_speed_replaces_the_registered_one() -> None:
+    fleet = _example_fleet()
+    assert FedHQAllocation(_cfg()).allocate(fleet).strategies["fast-big"] == "qat"
+    from dataclasses import replace
+
+    # fast-big now measures 40x slower float steps: its QAT round is the critical path
+    slowed = replace(fleet, measured_t_fp={"fast-big": 0.005 * 40})
+    alloc = FedHQAllocation(_cfg()).allocate(slowed)
+    assert alloc.significance["fast-big"][0] == 1.0
+    assert alloc.strategies["fast-big"] == "ptq"

@@ -410,10 +410,10 @@ def test_board_seconds_scale_to_the_board_or_come_from_its_clock(
     fleet: tuple[CoordinatorSide, Callable[..., Board]], case: str
 ) -> None:
     coordinator, start = fleet
-    asked: list[tuple[str, int]] = []
+    asked: list[tuple[str, int, int]] = []
 
-    def clock(strategy: str, steps: int) -> float:
-        asked.append((strategy, steps))
+    def clock(strategy: str, steps: int, rnd: int) -> float:
+        asked.append((strategy, steps, rnd))
         return 42.5
 
     if case == "emulated":  # a profile named for another machine than this one
@@ -427,13 +427,16 @@ def test_board_seconds_scale_to_the_board_or_come_from_its_clock(
     meta = coordinator.update()[0].meta
     seconds = meta["train_seconds"]
     expected = {
-        "emulated": seconds / load_profile(OTHER_BOARD).relative_speed,
+        "emulated": seconds
+        / load_profile(OTHER_BOARD).relative_speed
+        * load_profile(OTHER_BOARD).qat_overhead
+        / detect_board().qat_overhead,
         "own board": seconds,
         "clock": 42.5,
     }[case]
     assert meta["board_seconds"] == pytest.approx(expected, rel=1e-9)
     steps = math.ceil(N_TRAIN / JOB["batch_size"]) * JOB["local_epochs"]
-    assert asked == ([("qat", steps)] if case == "clock" else [])
+    assert asked == ([("qat", steps, 1)] if case == "clock" else [])
 
 
 # -- the command line --------------------------------------------------------------------------
