@@ -74,8 +74,12 @@ def run_serve(args: argparse.Namespace) -> int:
             raise
         print(f"bitfleet: error: {exc}", file=sys.stderr)
         return 1
+    for m in result.moves:
+        print(f"round {m.round + 1}: {m.device} moved {m.old} -> {m.new} ({m.reason})")
     for device, path in sorted(result.exported.items()):
-        print(f"model for {device}: {path}", flush=True)
+        choice = result.deploy.get(device)
+        why = f" ({choice.chosen}: {choice.reason})" if choice else ""
+        print(f"model for {device}: {path}{why}", flush=True)
     for device, why in sorted(result.export_failures.items()):
         print(f"bitfleet: no model for {device}: {why}", file=sys.stderr, flush=True)
     return 1 if result.export_failures else 0

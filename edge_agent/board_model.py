@@ -16,11 +16,9 @@ version and thread count, and cached as JSON (`host_anchor`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
-import platform
 import statistics
 import tempfile
 import threading
@@ -31,21 +29,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bitfleet.cache import cache_dir as bitfleet_cache_dir
+from bitfleet.cache import cpu_name, file_lock, read_json, write_json
 from bitfleet.profiles import DeviceProfile
 
 __all__ = [
-    "CACHE_ENV",
     "CACHE_FILE",
     "HostAnchor",
     "board_latency_ms",
-    "cache_dir",
     "host_anchor",
     "measure_host_anchor",
 ]
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "BITFLEET_CACHE_DIR"
 CACHE_FILE = "host_anchor.json"
 INPUT_SHAPE = (1, 3, 224, 224)
 OPSET = 17
@@ -119,19 +116,6 @@ def _threads(threads: int) -> int:
     if type(threads) is not int or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     return min(threads, os.cpu_count() or 1)
-
-
-def _cpu_name() -> str:
-    """The CPU's model name: /proc/cpuinfo's `model name`, else platform.processor()."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def _export_resnet18(path: Path) -> None:
@@ -225,7 +209,7 @@ def measure_host_anchor(threads: int = 4) -> HostAnchor:
         resnet18_ms=fp32_ms,
         resnet18_int8_ms=int8_ms,
         threads=n,
-        cpu=_cpu_name(),
+        cpu=cpu_name(),
         onnxruntime=ort.__version__,
     )
 
@@ -234,79 +218,21 @@ def measure_host_anchor(threads: int = 4) -> HostAnchor:
 # The cache
 
 
-def _cache_folder(folder: Path | None) -> Path:
-    if folder is not None:
-        return Path(folder)
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "bitfleet"
-    return Path.home() / ".cache" / "bitfleet"
-
-
-def cache_dir(folder: Path | None = None) -> Path:
-    """bitfleet's cache folder on this host, which holds `host_anchor.json`: `folder`, else
-    $BITFLEET_CACHE_DIR, else $XDG_CACHE_HOME/bitfleet, else ~/.cache/bitfleet."""
-    return _cache_folder(folder)
-
-
 def _read_cached(path: Path, cpu: str, runtime: str, threads: int) -> HostAnchor | None:
     """The cached anchor if it is readable and was measured on this CPU, runtime and thread
     count; None (measure anew) otherwise."""
-    try:
-        anchor = HostAnchor.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError:
+    raw = read_json(path)
+    if raw is None:
         return None
-    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+    try:
+        anchor = HostAnchor.from_dict(raw)
+    except (TypeError, ValueError) as exc:
         log.warning("host anchor cache %s unreadable (%s): measuring anew", path, exc)
         return None
     if (anchor.cpu, anchor.onnxruntime, anchor.threads) != (cpu, runtime, threads):
         log.info("host anchor cache %s is for another host or runtime: measuring anew", path)
         return None
     return anchor
-
-
-def _write_cached(path: Path, anchor: HostAnchor) -> None:
-    """Write atomically (a temporary file, then os.replace), so a reader never sees half a
-    file; a cache that cannot be written costs a measurement next time, nothing else."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(anchor.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError as exc:
-        log.warning("cannot cache the host anchor in %s: %s", path, exc)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path` (POSIX flock) so agents started together in separate
-    processes measure once, not all at once on the same cores; no lock where flock is absent
-    or the folder is not writable."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path, "a")  # noqa: SIM115 - held for the block
-    except OSError:
-        yield
-        return
-    with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def host_anchor(cache_dir: Path | None = None, *, threads: int = 4) -> HostAnchor:
@@ -319,8 +245,8 @@ def host_anchor(cache_dir: Path | None = None, *, threads: int = 4) -> HostAncho
     import onnxruntime as ort
 
     n = _threads(threads)
-    path = _cache_folder(cache_dir) / CACHE_FILE
-    cpu, runtime = _cpu_name(), ort.__version__
+    path = bitfleet_cache_dir(cache_dir) / CACHE_FILE
+    cpu, runtime = cpu_name(), ort.__version__
     with _lock, file_lock(path.with_name(f".{path.name}.lock")):
         anchor = _read_cached(path, cpu, runtime, n)
         if anchor is None:
@@ -333,5 +259,5 @@ def host_anchor(cache_dir: Path | None = None, *, threads: int = 4) -> HostAncho
                 anchor.threads,
                 time.perf_counter() - t0,
             )
-            _write_cached(path, anchor)
+            write_json(path, anchor.to_dict())
         return anchor

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 
+from bitfleet.cache import cache_dir, file_lock
 from bitfleet.deploy import CandidateTiming
 from bitfleet.onnx_session import time_file
 from bitfleet.profiles import DeviceProfile
 
-from .board_model import board_latency_ms, cache_dir, file_lock, host_anchor
+from .board_model import board_latency_ms, host_anchor
 
 
 def time_candidate(blob: bytes, board: DeviceProfile, *, emulated: bool) -> CandidateTiming:

@@ -31,6 +31,7 @@ def run_experiment(
     quick: bool = False,
     broker: str | None = None,
     seeds: Sequence[int] | None = None,
+    recalibrate: bool = False,
 ) -> dict[str, Any]:
     """Run every method of an experiment file; write results.json, report.md and plots.
 
@@ -57,13 +58,13 @@ def run_experiment(
         base_cfg = job_config_from_dict(first, source=str(exp.path))
         if data is None:
             data = load_dataset(base_cfg.data.dataset, data_dir=base_cfg.data.data_dir)
-        fleet = build_fleet(exp_s, data, base_cfg, quick, host_steps)
+        fleet = build_fleet(exp_s, data, base_cfg, quick, host_steps, recalibrate)
         host_steps = fleet.host_steps
         print(
             f"bitfleet simulate {exp.name}: {len(exp.devices)} virtual devices, "
             f"{len(exp.methods)} methods{' (quick)' if quick else ''}, seed {seed}"
             f"{f' ({len(per_seed) + 1} of {len(seeds)})' if len(seeds) > 1 else ''}; "
-            "host step times "
+            "host step times (cost model, cached) "
             + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in fleet.host_steps.items()),
             file=sys.stderr,
             flush=True,

@@ -24,9 +24,10 @@ if TYPE_CHECKING:
     from coordinator.server import JobResult
 
 TIME_NOTE = (
-    "How the board clock is made: this host's measured step time per local method, scaled by "
-    "each board profile's relative speed and, for methods that fake-quantize, its QAT "
-    "overhead; results.json calls it sim_seconds, and the host clock host_seconds."
+    "How the board clock is made: this host's step time per local method (calibrated once per "
+    "host and cached, never timed during the run), scaled by each board profile's relative "
+    "speed and, for methods that fake-quantize, its QAT overhead; results.json calls it "
+    "sim_seconds, and the host clock host_seconds."
 )
 
 

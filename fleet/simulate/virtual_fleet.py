@@ -1,6 +1,7 @@
 """The virtual boards of `bitfleet simulate`: their data slices, profiles and board clock.
 
-Time (docs/simulation.md#the-board-clock): the host's step time is measured once per local method; a
+Time (docs/simulation.md#the-board-clock): the host's step time per local method comes from the
+cost model (`cost_model.py`: timed once per host and cached, never while an experiment runs); a
 virtual board's training time is that scaled by the board's relative speed and, for methods that run
 the fake quantizer, by the board's QAT overhead from its profile. The coordinator adds transfer time
 from the link bandwidth and takes the slowest participant per round. `HostCompute` runs the boards'
@@ -18,38 +19,13 @@ from typing import Any
 import torch
 
 from bitfleet.data import DATASET_SPECS, ImageData, partition
-from bitfleet.profiles import load_profile, measure_machine, profile_summary, time_train_steps
-from bitfleet.quant import make_method
+from bitfleet.profiles import load_profile, measure_machine, profile_summary
 from bitfleet.registration import DataSummary, Registration
 from coordinator.allocation import QUANT_IN_FORWARD
 from coordinator.config import JobConfig
 
+from .cost_model import host_step_seconds
 from .experiment import Experiment, SimDevice
-
-
-def measure_host_steps(
-    model_name: str, dataset: str, strategies: set[str], batch_size: int, steps: int = 40
-) -> dict[str, float]:
-    """Median seconds of one training step per local method on this host
-    (docs/simulation.md#the-board-clock); `ptq` trains exactly as `fp` does and shares its
-    figure."""
-    spec = DATASET_SPECS[dataset]
-    methods = {
-        s: make_method(s, **({"bits": 2} if s in ("qat", "apqn", "mpq") else {}))
-        for s in sorted((strategies - {"ptq"}) | {"fp"})
-    }
-    out = time_train_steps(
-        model_name,
-        methods,
-        batch_size=batch_size,
-        steps=steps,
-        in_channels=spec.in_channels,
-        image_size=spec.image_size,
-        num_classes=spec.num_classes,
-        warmup=3,
-    )
-    out["ptq"] = out["fp"]
-    return out
 
 
 @dataclass
@@ -94,10 +70,11 @@ def build_fleet(
     job: JobConfig,
     quick: bool,
     host_steps: dict[str, float] | None = None,
+    recalibrate: bool = False,
 ) -> VirtualFleet:
     """Split the training set over the devices (Dirichlet or IID, seeded) and give each its
-    board's profile with step times scaled from this host's (`host_steps`, measured here
-    unless given: repeated seeds share one measurement, so their clocks are comparable)."""
+    board's profile with step times scaled from this host's (`host_steps`, else the cached
+    cost model's: `fleet.simulate.cost_model`, calibrated once per host)."""
     x, y = data.train_x, data.train_y
     fraction = float(exp.quick.get("train_fraction", 1.0)) if quick else 1.0
     if fraction < 1.0:
@@ -112,8 +89,12 @@ def build_fleet(
         a = overlay.get("allocation", {})
         strategies |= {a.get(k) for k in ("strategy", "qat_strategy", "ptq_strategy")} - {None}
     if host_steps is None:
-        host_steps = measure_host_steps(
-            job.model.name, job.data.dataset, strategies, job.training.batch_size
+        host_steps = host_step_seconds(
+            job.model.name,
+            job.data.dataset,
+            strategies - {None},
+            job.training.batch_size,
+            recalibrate=recalibrate,
         )
     machine = measure_machine()
     fleet_data, profiles = {}, {}

@@ -12,14 +12,13 @@ from dataclasses import replace
 import onnxruntime as ort
 import pytest
 
+from bitfleet.cache import CACHE_ENV, cache_dir, cpu_name
 from bitfleet.profiles import load_profile
 from edge_agent import board_model
 from edge_agent.board_model import (
-    CACHE_ENV,
     CACHE_FILE,
     HostAnchor,
     board_latency_ms,
-    cache_dir,
     host_anchor,
     measure_host_anchor,
 )
@@ -99,7 +98,7 @@ def counted(monkeypatch):
             resnet18_ms=10.0 + len(calls),
             resnet18_int8_ms=3.0,
             threads=threads,
-            cpu=board_model._cpu_name(),
+            cpu=cpu_name(),
             onnxruntime=ort.__version__,
         )
 
