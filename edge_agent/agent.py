@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -28,7 +28,6 @@ from bitfleet.assignment import Assignment
 from bitfleet.board_time import steps_per_round
 from bitfleet.data import DATASET_SPECS, ImageData, load_dataset, partition
 from bitfleet.deploy import DeployLimits
-from bitfleet.models import create_model_for
 from bitfleet.profiles import (
     detect_board,
     load_profile,
@@ -55,9 +54,9 @@ from bitfleet.protocol import (
 from bitfleet.quant.methods import QUANT_IN_FORWARD
 from bitfleet.registration import DataSummary, Registration
 from bitfleet.runtime_facts import probe_runtime
-from bitfleet.training import train
 
 from .candidate_timing import time_candidate
+from .local_training import LocalResult, LocalTraining
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +143,12 @@ def load_local_data(opts: AgentOptions) -> tuple[torch.Tensor, torch.Tensor]:
 BoardClock = Callable[[str, int, int], float]
 """(strategy, optimiser steps, round) -> seconds the round's training takes on the board."""
 
-_T = TypeVar("_T")
-ComputeRunner = Callable[[Callable[[], Any]], Any]
-"""Runs a piece of training work and returns its result (the simulator queues it for one
-shared thread); the default runs it right here."""
+ComputeRunner = Callable[[LocalTraining], LocalResult]
+"""Runs one local round and returns its result: the simulator's runners queue it for one
+shared thread or send it to a worker process; the default runs it right here."""
 
 
-def _run_here(work: Callable[[], _T]) -> _T:
+def _run_here(work: LocalTraining) -> LocalResult:
     return work()
 
 
@@ -336,31 +334,24 @@ class EdgeAgent:
             log.warning("task for round %s before any assignment; skipped", task["round"])
             return
         job = self.job
-        spec = DATASET_SPECS[job["dataset"]]
-        model = create_model_for(job["model"], spec)
-        method = self.assignment.method()
-        method.prepare(model)
-        model.load_state_dict(unpack_state(blob))
         epochs = float(task["local_epochs"])
         batch_size = int(job["batch_size"])
-        seed = random.Random(f"{self.device_id}:{task['round']}").randrange(2**31)
-
-        def work() -> tuple[float, float]:
-            t0 = time.perf_counter()
-            loss = train(
-                model,
-                self.x,
-                self.y,
-                method,
-                epochs=epochs,
-                batch_size=batch_size,
-                lr=float(job["lr"]),
-                optimizer=job["optimizer"],
-                seed=seed,
-            )
-            return loss, time.perf_counter() - t0
-
-        loss, seconds = self.compute(work)
+        work = LocalTraining(
+            model=job["model"],
+            dataset=job["dataset"],
+            assignment=self.assignment,
+            state=unpack_state(blob),
+            x=self.x,
+            y=self.y,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=float(job["lr"]),
+            optimizer=job["optimizer"],
+            seed=random.Random(f"{self.device_id}:{task['round']}").randrange(2**31),
+        )
+        done = self.compute(work)
+        loss, seconds = done.loss, done.seconds
+        strategy = self.assignment.strategy
         meta = {
             "round": int(task["round"]),
             "job_id": task["job_id"],
@@ -368,15 +359,14 @@ class EdgeAgent:
             "train_loss": float(loss),
             "train_seconds": seconds,
             "board_seconds": self._board_seconds(
-                seconds, method.name, epochs, batch_size, int(task["round"])
+                seconds, strategy, epochs, batch_size, int(task["round"])
             ),
         }
         if task.get("trial") is not None:
             meta["trial"] = task["trial"]
-        state = {k: v.detach() for k, v in model.state_dict().items()}
         assert self.transport is not None
         chunks = split_payload(
-            "update", make_message("update", meta), pack_state(state), self.opts.chunk_size
+            "update", make_message("update", meta), pack_state(done.state), self.opts.chunk_size
         )
         self._answered = (key, chunks)
         self.transport.publish_many(self.topics.update(self.device_id), chunks)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from coordinator.config import JobConfigError
 
+from .compute import RUNNERS
 from .experiment import _check_seeds
 from .experiment_run import run_experiment
 
@@ -42,6 +43,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="time this host's training steps again before the run (default: the figures "
         "measured the first time, cached: the board clock does not move with host load)",
     )
+    p.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        default="processes",
+        help="where the boards' local rounds run: processes (default: one worker per core, "
+        "one torch thread each) or sequential (one after another on the main thread)",
+    )
     p.set_defaults(run=_run)
 
 
@@ -66,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         broker=args.broker,
         seeds=args.seeds,
         recalibrate=args.recalibrate,
+        runner=args.runner,
     )
     for name, m in results["methods"].items():
         print(

@@ -18,6 +18,7 @@ from bitfleet.data import DATASET_SPECS, ImageData, load_dataset
 from coordinator.allocation import QUANT_IN_FORWARD, AllocationInput, make_allocation_rule
 from coordinator.config import JobConfig, job_config_from_dict
 
+from .compute import ProcessCompute, make_compute
 from .experiment import Experiment, _check_seeds, _merge, load_experiment
 from .results import _capture, _with_sum, _write, _write_mean
 from .run import _job_dict, run_method
@@ -32,6 +33,7 @@ def run_experiment(
     broker: str | None = None,
     seeds: Sequence[int] | None = None,
     recalibrate: bool = False,
+    runner: str = "processes",
 ) -> dict[str, Any]:
     """Run every method of an experiment file; write results.json, report.md and plots.
 
@@ -47,9 +49,36 @@ def run_experiment(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    per_seed: dict[int, dict[str, Any]] = {}
+    # The sequential runner is per method (run_method's); worker processes start once.
+    compute = make_compute(runner) if runner != "sequential" else None
+    try:
+        _run_seeds(exp, seeds, out, quick, broker, recalibrate, compute, per_seed, t0)
+    finally:
+        if compute is not None:
+            compute.close()
+    one = len(seeds) == 1
+    results = per_seed[seeds[0]] if one else _write_mean(out, exp, quick, per_seed, t0)
+    write_report(results, out)
+    return results
+
+
+def _run_seeds(
+    exp: Experiment,
+    seeds: Sequence[int],
+    out: Path,
+    quick: bool,
+    broker: str | None,
+    recalibrate: bool,
+    compute: ProcessCompute | None,
+    per_seed: dict[int, dict[str, Any]],
+    t0: float,
+) -> None:
+    """Every method and ablation of `exp` once per seed, into `per_seed`."""
+    from .report import write_report
+
     data: ImageData | None = None
     host_steps: dict[str, float] | None = None
-    per_seed: dict[int, dict[str, Any]] = {}
     for seed in seeds:
         exp_s = exp.with_seed(seed)
         out_s = out if len(seeds) == 1 else out / f"seed-{seed}"
@@ -73,18 +102,17 @@ def run_experiment(
         by_assignment: dict[str, str] = {}
         for name, overlay in exp_s.methods.items():
             methods[name], _ = run_method(
-                exp_s, name, overlay, fleet, data, out_s, quick=quick, broker=broker
-            )
+                exp_s, name, overlay, fleet, data, out_s, quick=quick, broker=broker,
+                compute=compute,
+            )  # fmt: skip
             by_assignment.setdefault(_assignment_key(exp_s, overlay, methods[name]), name)
             _write(out_s, exp_s, quick, methods, {}, t0)  # keep what is done if a later one fails
-        ablations = _run_ablations(exp_s, fleet, data, out_s, quick, broker, methods, by_assignment)
+        ablations = _run_ablations(
+            exp_s, fleet, data, out_s, quick, broker, methods, by_assignment, compute
+        )
         per_seed[seed] = _write(out_s, exp_s, quick, methods, ablations, t0)
         if len(seeds) > 1:
             write_report(per_seed[seed], out_s)
-    one = len(seeds) == 1
-    results = per_seed[seeds[0]] if one else _write_mean(out, exp, quick, per_seed, t0)
-    write_report(results, out)
-    return results
 
 
 def _assignment_key(exp: Experiment, overlay: Mapping[str, Any], result: dict) -> str:
@@ -106,6 +134,7 @@ def _run_ablations(
     broker: str | None,
     methods: dict[str, dict],
     by_assignment: dict[str, str],
+    compute: ProcessCompute | None = None,
 ) -> dict[str, Any]:
     """Each ablation is a FedHQ variant (xi, SigAcc rule...). Its coarse allocation is computed
     first; where it equals a method already run, that run's results are its results (same
@@ -134,7 +163,9 @@ def _run_ablations(
             run = methods[same]
             entry["same_assignment_as"] = same
         else:
-            run, _ = run_method(exp, name, overlay, fleet, data, out, quick=quick, broker=broker)
+            run, _ = run_method(
+                exp, name, overlay, fleet, data, out, quick=quick, broker=broker, compute=compute
+            )
             by_assignment.setdefault(_assignment_key(exp, overlay, run), name)
         entry.update(
             assignment=run["assignment"],

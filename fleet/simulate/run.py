@@ -25,9 +25,10 @@ from bitfleet.protocol.inprocess import InProcessBus
 from coordinator.config import job_config_from_dict
 from coordinator.server import Coordinator, JobResult, RoundReport
 
+from .compute import ProcessCompute, SequentialCompute
 from .experiment import Experiment, _merge
 from .results import _method_results
-from .virtual_fleet import HostCompute, VirtualFleet
+from .virtual_fleet import VirtualFleet
 
 
 def _slug(text: str) -> str:
@@ -82,8 +83,12 @@ def run_method(
     *,
     quick: bool,
     broker: str | None,
+    compute: SequentialCompute | ProcessCompute | None = None,
 ) -> tuple[dict[str, Any], Coordinator]:
-    """Run one method as a federated job; return its results entry and the coordinator."""
+    """Run one method as a federated job; return its results entry and the coordinator.
+
+    `compute` runs the boards' local rounds (`fleet.simulate.compute`; shared across methods,
+    so worker processes start once); None: one after another on this thread."""
     job = _job_dict(exp, overlay, name, out, quick)
     cfg = job_config_from_dict(job, source=f"{exp.path} [methods.{name}]")
     shutil.rmtree(cfg.job.state_dir, ignore_errors=True)
@@ -94,7 +99,8 @@ def run_method(
         cfg, broker, transport_factory=factory, data=data, export=False, on_round=bar
     )
     make_agent = plugins.load("bitfleet.agents", "virtual")
-    host_cpu = HostCompute()
+    host_cpu = compute if compute is not None else SequentialCompute()
+    owned = compute is None
     agents = [
         make_agent(
             dev.id,
@@ -113,7 +119,7 @@ def run_method(
     errors: list[BaseException] = []
 
     def serve(agent: Any) -> None:
-        torch.set_num_threads(1)  # see HostCompute: only the training thread gets two
+        torch.set_num_threads(1)  # see SequentialCompute: only the training thread gets two
         try:
             agent.run()
         except BaseException as exc:  # noqa: BLE001 - reported after the job
@@ -145,7 +151,8 @@ def run_method(
         main.join()
         raise
     finally:
-        host_cpu.close()
+        if owned:  # a shared runner outlives the method; its owner closes it
+            host_cpu.close()
         for agent in agents:
             agent.stop()
         for t in threads:

@@ -4,14 +4,12 @@ Time (docs/simulation.md#the-board-clock): the host's step time per local method
 cost model (`cost_model.py`: timed once per host and cached, never while an experiment runs); a
 virtual board's training time is that scaled by the board's relative speed and, for methods that run
 the fake quantizer, by the board's QAT overhead from its profile. The coordinator adds transfer time
-from the link bandwidth and takes the slowest participant per round. `HostCompute` runs the boards'
-training one piece at a time on the host's cores.
+from the link bandwidth and takes the slowest participant per round; `fleet.simulate.compute`
+runs the boards' training.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +98,9 @@ def build_fleet(
     fleet_data, profiles = {}, {}
     for dev, idx in zip(exp.devices, parts, strict=True):
         index = torch.from_numpy(idx).long()
-        fleet_data[dev.id] = (x[index], y[index])
+        # In shared memory once: the worker processes of `ProcessCompute` then get a handle to
+        # a board's data with each round's work instead of a copy.
+        fleet_data[dev.id] = (x[index].share_memory_(), y[index].share_memory_())
         board = load_profile(dev.board)
         speed = board.relative_speed / dev.slowdown(0)  # slow from the start: it measures so
         steps = {
@@ -115,50 +115,3 @@ def build_fleet(
         profiles[dev.id] = summary
     num_classes = DATASET_SPECS[job.data.dataset].num_classes
     return VirtualFleet(exp.devices, fleet_data, profiles, host_steps, num_classes)
-
-
-class HostCompute:
-    """The virtual boards' training, run one piece at a time on the thread that serves it.
-
-    The boards share this host: ten of them training at once on two cores run slower in all
-    than one after the other. And the threads matter: every thread that runs torch ops keeps
-    its own OpenMP team, and with a dozen teams on two cores libgomp stops spinning, so each
-    kernel call pays for a wake-up (LeNet-5's step: 7.1 ms beside ten idle teams, 4.8 ms
-    alone). The simulator therefore serves this queue from its main thread, with torch's two
-    threads, and runs the agents and the coordinator with one thread each.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: queue.Queue[tuple[Callable[[], Any], threading.Event, list[Any]]] = (
-            queue.Queue()
-        )
-        self._closed = threading.Event()
-
-    def __call__(self, work: Callable[[], Any]) -> Any:
-        """Run `work` on the serving thread and return its result (or raise its error)."""
-        done, box = threading.Event(), []
-        self._jobs.put((work, done, box))
-        while not done.wait(0.2):
-            if self._closed.is_set():
-                raise RuntimeError("the simulation stopped before this board's training ran")
-        if isinstance(box[0], BaseException):
-            raise box[0]
-        return box[0]
-
-    def serve(self, until: Callable[[], bool]) -> None:
-        """Run queued work until `until()` is true."""
-        while not until():
-            try:
-                work, done, box = self._jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            try:
-                box.append(work())
-            except Exception as exc:  # noqa: BLE001 - handed to the board that asked
-                box.append(exc)
-            finally:
-                done.set()
-
-    def close(self) -> None:
-        """Stop taking work; boards still waiting get an error instead of hanging."""
-        self._closed.set()
