@@ -15,7 +15,7 @@ from typing import Any
 
 from bitfleet.extras import require
 
-from .report_format import _acc_by_bits, _bits_label, _is_number
+from .report_format import _acc_by_bits, _acc_by_bits_ci, _bits_label, _is_number, _pair
 
 # Colours per local strategy, as in the demo's plots; other strategies take the next spare
 # colour (`_strategy_colours`) in order of first appearance.
@@ -58,15 +58,31 @@ def _plot_accuracy_vs_time(
         return "no method recorded an accuracy curve"
     fig = _figure(6, 4)
     ax = fig.subplots()
+    bars = False
     for name, curve in curves.items():
         # A round may end without an evaluation at the deploy width (accuracy null).
-        points = [p for p in curve if _is_number(p[2])]
-        xs, ys = [p[1] for p in points], [p[2] for p in points]
-        ax.plot(xs, ys, marker=".", color=colours[name], label=name)
+        ci = methods[name].get("ci95")
+        point_ci = ci.get("curve") if isinstance(ci, Mapping) else None
+        if not isinstance(point_ci, list) or len(point_ci) != len(curve):
+            point_ci = [None] * len(curve)
+        points = [(p, c) for p, c in zip(curve, point_ci, strict=True) if _is_number(p[2])]
+        xs, ys = [p[1] for p, _ in points], [p[2] for p, _ in points]
+        yerr = _yerr(ys, [c for _, c in points])
+        bars = bars or yerr is not None
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=yerr,
+            marker=".",
+            color=colours[name],
+            label=name,
+            capsize=2,
+            elinewidth=0.8,
+        )
     ax.set(
         xlabel="simulated time (s, board clock)",
         ylabel="test accuracy",
-        title="Accuracy against simulated time",
+        title="Accuracy against simulated time" + (_BARS if bars else ""),
     )
     ax.grid(alpha=0.3)
     ax.legend()
@@ -85,16 +101,50 @@ def _plot_accuracy_vs_bits(
     widths = sorted({b for accs in per_method.values() for b in accs})
     fig = _figure(6, 4)
     ax = fig.subplots()
-    for name, accs in per_method.items():
+    bars = False
+    for k, (name, accs) in enumerate(per_method.items()):
+        cis = _acc_by_bits_ci(methods[name])
         xs = [i for i, b in enumerate(widths) if _is_number(accs.get(b))]
         ys = [accs[widths[i]] for i in xs]
-        ax.plot(xs, ys, marker="o", color=colours[name], label=name)
+        yerr = _yerr(ys, [cis.get(widths[i]) for i in xs])
+        bars = bars or yerr is not None
+        # With error bars, methods sit side by side around each width, so bars do not overlap.
+        dodge = 0.0 if yerr is None else (k - (len(per_method) - 1) / 2) * _DODGE
+        ax.errorbar(
+            [x + dodge for x in xs],
+            ys,
+            yerr=yerr,
+            marker="o",
+            color=colours[name],
+            label=name,
+            capsize=3,
+            elinewidth=0.8,
+        )
     ax.set_xticks(range(len(widths)), [_bits_label(b) for b in widths])
-    ax.set(xlabel="deployed weight bits", ylabel="test accuracy", title="Accuracy by bit-width")
+    ax.set(
+        xlabel="deployed weight bits",
+        ylabel="test accuracy",
+        title="Accuracy by bit-width" + (_BARS if bars else ""),
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
     return None
+
+
+_BARS = "\n(bars: 95% CI over seeds)"
+_DODGE = 0.06  # of the distance between widths, between methods' bars at one width
+
+
+def _yerr(ys: list[float], cis: list[Any]) -> list[list[float]] | None:
+    """matplotlib's asymmetric `yerr` (distances below and above each point) from `[lo, hi]`
+    intervals; None where no point has one (a single-seed run: no bars at all)."""
+    pairs = [_pair(c) for c in cis]
+    if not any(p is not None for p in pairs):
+        return None
+    below = [max(0.0, y - p[0]) if p else 0.0 for y, p in zip(ys, pairs, strict=True)]
+    above = [max(0.0, p[1] - y) if p else 0.0 for y, p in zip(ys, pairs, strict=True)]
+    return [below, above]
 
 
 def _plot_allocation(

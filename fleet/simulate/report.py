@@ -23,13 +23,19 @@ from .plots import (
 )
 from .report_format import (
     _acc_by_bits,
+    _acc_by_bits_ci,
     _accuracy,
     _bits_label,
+    _bracketed,
     _cell,
     _is_number,
     _natural_key,
     _number,
+    _plus_minus,
     _seconds,
+    _signed_accuracy,
+    _signed_number,
+    _signed_seconds,
     _value,
 )
 
@@ -83,6 +89,11 @@ def _markdown(
     if results.get("seeds"):
         seeds = ", ".join(str(s) for s in results["seeds"])
         intro += f"; every figure is the mean over seeds {seeds} (each seed in `seed-N/`)"
+        if any(isinstance(m.get("ci95"), Mapping) for m in methods.values()):
+            intro += (
+                "; `± h` is the half-width of its 95% Student-t interval over the seeds, "
+                "`[lo, hi]` a 95% interval (docs/simulation.md#statistics)"
+            )
     elif results.get("seed") is not None:
         intro += f"; seed {results['seed']}"
     if _is_number(results.get("seconds")):
@@ -100,6 +111,7 @@ def _markdown(
     if results.get("time_note"):
         lines += ["", str(results["time_note"])]
     lines += _methods_table(methods)
+    lines += _paired_table(results.get("paired"))
     lines += _bits_table(methods)
     lines += _count_table(
         "Allocation: devices per local strategy", "devices", methods, "assignment"
@@ -129,17 +141,58 @@ def _methods_table(methods: Mapping[str, Mapping]) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for name, m in methods.items():
+        ci = m.get("ci95") if isinstance(m.get("ci95"), Mapping) else {}
         cells = [
             _cell(name),
             _number(m.get("deploy_bits")),
-            _accuracy(m.get("final_acc")),
-            _accuracy(m.get("final_acc_fp32")),
-            _seconds(m.get("sim_seconds")),
-            _seconds(m.get("host_seconds")),
+            _plus_minus(m.get("final_acc"), ci.get("final_acc"), _accuracy),
+            _plus_minus(m.get("final_acc_fp32"), ci.get("final_acc_fp32"), _accuracy),
+            _plus_minus(m.get("sim_seconds"), ci.get("sim_seconds"), _seconds),
+            _plus_minus(m.get("host_seconds"), ci.get("host_seconds"), _seconds),
             _number(m.get("rounds")),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _paired_table(paired: Any) -> list[str]:
+    """Paired differences over seeds (results.json `paired`): one row per method and
+    reference, then FedHQ's capture sum against random hybrid's."""
+    if not isinstance(paired, Mapping):
+        return []
+    rows = paired.get("differences") if isinstance(paired.get("differences"), Mapping) else {}
+    lines = [
+        "",
+        "## Paired differences over seeds",
+        "",
+        "Method minus reference, seed by seed, averaged over the n seeds both ran, with the "
+        "95% paired t interval: an interval that leaves out 0 is a difference the seeds agree "
+        "on; negative simulated seconds are time saved.",
+        "",
+        "| method - reference | n | acc at deploy bits | simulated s |",
+        "|---|---|---|---|",
+    ]
+    for key, row in rows.items():
+        if not isinstance(row, Mapping):
+            continue
+        acc, sim = row.get("final_acc") or {}, row.get("sim_seconds") or {}
+        n = acc.get("n", sim.get("n"))
+        lines.append(
+            f"| {_cell(key)} | {_number(n)} | "
+            f"{_bracketed(acc.get('diff'), acc.get('ci95'), _signed_accuracy)} | "
+            f"{_bracketed(sim.get('diff'), sim.get('ci95'), _signed_seconds)} |"
+        )
+    cap = paired.get("capture_sum")
+    if isinstance(cap, Mapping):
+        lines += [
+            "",
+            f"Capture sum, {_cell(cap.get('method'))} minus {_cell(cap.get('reference'))}: "
+            f"{_bracketed(cap.get('diff'), cap.get('ci95'), _signed_number)} (bootstrap over "
+            f"{_number(cap.get('n'))} seeds, paired: the same resampled seeds for both; "
+            f"{_number(cap.get('bootstrap_dropped'))} resamples dropped as undefined). "
+            f"{_cell(cap.get('verdict', ''))}.",
+        ]
+    return lines if rows or isinstance(cap, Mapping) else []
 
 
 def _bits_table(methods: Mapping[str, Mapping]) -> list[str]:
@@ -156,7 +209,8 @@ def _bits_table(methods: Mapping[str, Mapping]) -> list[str]:
     ]
     for name, accs in per_method.items():
         if accs:
-            cells = [_accuracy(accs.get(b)) for b in widths]
+            cis = _acc_by_bits_ci(methods[name])
+            cells = [_plus_minus(accs.get(b), cis.get(b), _accuracy) for b in widths]
             lines.append(f"| {_cell(name)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -246,13 +300,46 @@ def _mapping_table(section: Any) -> list[str]:
         return [_cell(_value(section))]
     columns: dict[str, None] = {}
     for row in section.values():
-        columns.update(dict.fromkeys(row if isinstance(row, Mapping) else ["value"]))
+        fields = row if isinstance(row, Mapping) else ["value"]
+        columns.update(dict.fromkeys(c for c in fields if c not in _BESIDE))
+    dropped = any(
+        isinstance(row, Mapping) and "bootstrap_dropped" in row for row in section.values()
+    )
     lines = [
-        "| name | " + " | ".join(_cell(c) for c in columns) + " |",
-        "|---|" + "---|" * len(columns),
+        "| name | "
+        + " | ".join([*(_cell(c) for c in columns), *(["dropped resamples"] if dropped else [])])
+        + " |",
+        "|---|" + "---|" * (len(columns) + dropped),
     ]
     for key, row in section.items():
         fields = row if isinstance(row, Mapping) else {"value": row}
-        cells = [_cell(_value(fields[c])) if c in fields else "-" for c in columns]
+        cells = [_field(fields, c) if c in fields else "-" for c in columns]
+        if dropped:
+            cells.append(_dropped(fields.get("bootstrap_dropped")))
         lines.append(f"| {_cell(key)} | " + " | ".join(cells) + " |")
     return lines
+
+
+#: Keys that qualify a row's figures rather than being figures: shown with them, or (by_seed)
+#: left to each seed's own report.
+_BESIDE = ("ci95", "ci95_single_seed", "bootstrap_dropped", "by_seed")
+
+
+def _field(fields: Mapping[str, Any], column: str) -> str:
+    """One figure of a row, with its interval `[lo, hi]` where the row's `ci95` has one."""
+    value, ci = fields[column], fields.get("ci95")
+    if isinstance(ci, Mapping) and _is_number(value) and column in ci:
+        fmt = _seconds if column.endswith("seconds") else _accuracy
+        return _cell(_bracketed(value, ci[column], fmt))
+    if isinstance(value, Mapping) and isinstance(value.get("ci95"), Mapping):
+        # A nested row with intervals (summary.fedmpq.<method>): its figures in one cell.
+        return _cell(", ".join(f"{k} {_field(value, k)}" for k in value if k not in _BESIDE))
+    return _cell(_value(value))
+
+
+def _dropped(counts: Any) -> str:
+    """Bootstrap resamples dropped per figure, only those that dropped any ("0": none did)."""
+    if not isinstance(counts, Mapping):
+        return "-" if counts is None else _number(counts)
+    some = [f"{_cell(k)} {_number(v)}" for k, v in counts.items() if v]
+    return ", ".join(some) if some else "0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _FLOAT_BITS = 32.0
@@ -72,3 +72,56 @@ def _acc_by_bits(name: str, method: Mapping) -> dict[float, Any]:
 
 def _bits_label(bits: float) -> str:
     return "fp32" if bits == _FLOAT_BITS else _number(bits)
+
+
+# Figures over seeds with their 95% intervals (results.json `ci95`, docs/simulation.md#statistics).
+
+
+def _pair(ci: Any) -> tuple[float, float] | None:
+    """An interval `[lo, hi]` from results.json, or None where there is none."""
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_number(x) for x in ci):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def _plus_minus(value: Any, ci: Any, fmt: Callable[[Any], str]) -> str:
+    """`mean ± half-width` of a t interval (symmetric about the mean), or the value alone."""
+    pair = _pair(ci)
+    if pair is None or not _is_number(value):
+        return fmt(value)
+    return f"{fmt(value)} ± {fmt((pair[1] - pair[0]) / 2)}"
+
+
+def _bracketed(value: Any, ci: Any, fmt: Callable[[Any], str] = _number) -> str:
+    """`value [lo, hi]`, for intervals that need not be symmetric (bootstrap, differences)."""
+    pair = _pair(ci)
+    if pair is None or not _is_number(value):
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(pair[0])}, {fmt(pair[1])}]"
+
+
+def _signed_accuracy(value: Any) -> str:
+    return f"{value:+.4f}" if _is_number(value) else _number(value)
+
+
+def _signed_seconds(value: Any) -> str:
+    return ("+" if _is_number(value) and value > 0 else "") + _seconds(value)
+
+
+def _signed_number(value: Any) -> str:
+    return ("+" if _is_number(value) and value > 0 else "") + _number(value)
+
+
+def _acc_by_bits_ci(method: Mapping) -> dict[float, Any]:
+    """A method's `ci95.acc_by_bits` with the JSON's string keys as numbers ({} without)."""
+    ci = method.get("ci95")
+    by_bits = ci.get("acc_by_bits") if isinstance(ci, Mapping) else None
+    if not isinstance(by_bits, Mapping):
+        return {}
+    out = {}
+    for key, pair in by_bits.items():
+        try:
+            out[float(key)] = pair
+        except ValueError:
+            continue  # `_acc_by_bits` reports a bad width
+    return out

@@ -19,6 +19,7 @@ import numpy as np
 from coordinator.config import JobConfig
 
 from .experiment import Experiment, SimDevice
+from .stats import Interval, bootstrap_ci, mean_ci, paired_diff
 
 if TYPE_CHECKING:
     from coordinator.server import JobResult
@@ -111,8 +112,7 @@ def _capture(methods: Mapping[str, dict], name: str) -> dict[str, Any] | None:
         return None
     t_span = q["sim_seconds"] - p["sim_seconds"]
     a_span = q["final_acc"] - p["final_acc"]
-    speed = (q["sim_seconds"] - m["sim_seconds"]) / t_span if t_span > 0 else None
-    acc = (m["final_acc"] - p["final_acc"]) / a_span if a_span > 0 else None
+    speed, acc = _ratios(q, p, m)
     out: dict[str, Any] = {
         "speed_capture": None if speed is None else round(speed, 4),
         "acc_capture": None if acc is None else round(acc, 4),
@@ -127,6 +127,19 @@ def _capture(methods: Mapping[str, dict], name: str) -> dict[str, Any] | None:
     if notes:
         out["note"] = "; ".join(notes)
     return out
+
+
+def _ratios(q: Mapping[str, Any], p: Mapping[str, Any], m: Mapping[str, Any]) -> tuple:
+    """(speed capture, accuracy capture) of `m` between all-QAT `q` and all-PTQ `p`, unrounded;
+    each None where its span is not positive (or a figure is missing)."""
+    figures = [d.get(k) for d in (q, p, m) for k in ("sim_seconds", "final_acc")]
+    if any(v is None for v in figures):
+        return None, None
+    t_span = q["sim_seconds"] - p["sim_seconds"]
+    a_span = q["final_acc"] - p["final_acc"]
+    speed = (q["sim_seconds"] - m["sim_seconds"]) / t_span if t_span > 0 else None
+    acc = (m["final_acc"] - p["final_acc"]) / a_span if a_span > 0 else None
+    return speed, acc
 
 
 def _with_sum(capture: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +225,22 @@ def _save_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
 _MEANS = {"final_acc": 4, "final_acc_fp32": 4, "sim_seconds": 2, "host_seconds": 2}
 _PER_SEED = ("final_acc", "final_acc_fp32", "sim_seconds", "assignment")
 
+#: Statistics over seeds (fleet/simulate/stats.py, docs/simulation.md#statistics).
+LEVEL = 0.95
+N_BOOT = 2000
+BOOT_SEED = 0
+_CAPTURES = ("speed_capture", "acc_capture", "sum")
+#: The references every method is paired against, where the experiment has them (float under
+#: any of its names), then FedHQ; each unordered pair once, as "method - reference".
+_REFERENCES = ("all_qat", "all_ptq", "float", "fp", "fp32", "random_hybrid", "fedhq")
+_FEDHQ, _RANDOM_HYBRID = "fedhq", "random_hybrid"
+STATS_NOTE = (
+    "ci95: 95% intervals over the seeds, [lo, hi]: Student-t for means and for paired "
+    "differences (matched by seed); percentile bootstrap over seeds (the same resampled seeds "
+    "for every method of a statistic) for the capture ratios, whose resamples with an "
+    "undefined ratio are dropped and counted in bootstrap_dropped."
+)
+
 
 def _mean(values: Sequence[Any], digits: int) -> float | None:
     numbers = [float(v) for v in values if v is not None]
@@ -222,9 +251,43 @@ def _mean_map(maps: Sequence[Mapping[str, Any]], digits: int) -> dict[str, float
     return {k: _mean([m.get(k) for m in maps], digits) for k in maps[0]}
 
 
+def _ci(values: Sequence[Any], digits: int) -> list[float] | None:
+    """The `[lo, hi]` t interval of per-seed `values` for results.json."""
+    ci = mean_ci(values, LEVEL)
+    return None if ci is None else ci.pair(digits)
+
+
+def _entry_ci(entries: Sequence[Mapping[str, Any]], out: Mapping[str, Any]) -> dict[str, Any]:
+    """`ci95` of a mean entry: the t interval of each main figure it holds, by the same keys;
+    `curve` (where averaged) holds the accuracy interval of each point."""
+    ci: dict[str, Any] = {}
+    for key, digits in _MEANS.items():
+        if key in out:
+            ci[key] = _ci([e.get(key) for e in entries], digits)
+    if "acc_by_bits" in out:
+        ci["acc_by_bits"] = {
+            b: _ci([(e.get("acc_by_bits") or {}).get(b) for e in entries], 4)
+            for b in out["acc_by_bits"]
+        }
+    if "curve" in out and len({len(e.get("curve") or []) for e in entries}) == 1:
+        ci["curve"] = [
+            _ci([p[2] for p in points], 4)
+            for points in zip(*(e["curve"] for e in entries), strict=True)
+        ]
+    return ci
+
+
+def _single_seed_figures(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The main figures only one seed recorded: their interval is that value, not a spread."""
+    return [
+        k for k in _MEANS if k in entries[0] and sum(e.get(k) is not None for e in entries) == 1
+    ]
+
+
 def _mean_entry(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """One method (or ablation) over seeds: the first seed's entry with its figures replaced
-    by their means, and every seed's own figures under `by_seed`."""
+    by their means, their intervals under `ci95`, and every seed's own figures under
+    `by_seed`."""
     entries = list(runs.values())
     out = copy.deepcopy(dict(entries[0]))
     for key in ("speed_capture", "acc_capture", "sum", "note", "same_assignment_as"):
@@ -242,14 +305,178 @@ def _mean_entry(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
             [points[0][0], _mean([p[1] for p in points], 2), _mean([p[2] for p in points], 4)]
             for points in zip(*(e["curve"] for e in entries), strict=True)
         ]
+    out["ci95"] = _entry_ci(entries, out)
+    if single := _single_seed_figures(entries):
+        out["ci95_single_seed"] = single
     out["by_seed"] = {str(seed): {k: e[k] for k in _PER_SEED if k in e} for seed, e in runs.items()}
+    return out
+
+
+# Captures over resampled seeds: a sample is one seed's whole results, so every method in a
+# capture (all-QAT, all-PTQ and the method) is taken from the same resampled seeds.
+
+
+def _raw_mean(values: Sequence[Any]) -> float | None:
+    numbers = [float(v) for v in values if v is not None]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def _captures_of(samples: Sequence[Mapping[str, Any]], name: str, section: str) -> dict:
+    """speed_capture, acc_capture and sum of `name` from the means over `samples` (unrounded,
+    None where undefined), as `_capture` computes them from the means of all seeds."""
+    figures = ("sim_seconds", "final_acc")
+
+    def means(get: Callable[[Mapping[str, Any]], Mapping[str, Any]]) -> dict:
+        return {k: _raw_mean([get(s).get(k) for s in samples]) for k in figures}
+
+    speed, acc = _ratios(
+        means(lambda s: s["methods"]["all_qat"]),
+        means(lambda s: s["methods"]["all_ptq"]),
+        means(lambda s: s[section][name]),
+    )
+    total = None if speed is None or acc is None else speed + acc
+    return {"speed_capture": speed, "acc_capture": acc, "sum": total}
+
+
+def _bootstrap(statistic: Callable[[list[Any]], float | None], per_seed: Mapping) -> Interval:
+    ci = bootstrap_ci(statistic, per_seed, n_boot=N_BOOT, level=LEVEL, seed=BOOT_SEED)
+    assert ci is not None  # several seeds
+    return ci
+
+
+def _capture_ci(per_seed: Mapping[int, dict], name: str, section: str) -> dict[str, Any]:
+    """Bootstrap intervals of `name`'s captures: `ci95` (None where the capture from the means
+    is undefined) and `bootstrap_dropped`, the resamples where each was undefined. The same
+    bootstrap seed for the three, so they are resampled alike."""
+    ci95: dict[str, Any] = {}
+    dropped: dict[str, int] = {}
+    for part in _CAPTURES:
+        ci = _bootstrap(lambda s, part=part: _captures_of(s, name, section)[part], per_seed)
+        ci95[part] = ci.pair(4) if ci.estimate is not None else None
+        dropped[part] = ci.dropped
+    return {"ci95": ci95, "bootstrap_dropped": dropped}
+
+
+def _with_capture_ci(
+    entry: dict[str, Any], per_seed: Mapping[int, dict], name: str, section: str
+) -> dict[str, Any]:
+    intervals = _capture_ci(per_seed, name, section)
+    return {
+        **entry,
+        "ci95": {**entry.get("ci95", {}), **intervals["ci95"]},
+        "bootstrap_dropped": intervals["bootstrap_dropped"],
+    }
+
+
+def _summary_ci(
+    summary: dict[str, Any], methods: Mapping[str, dict], per_seed: Mapping[int, dict]
+) -> dict[str, Any]:
+    """The summary from the means, with intervals: each capture's bootstrap, and FedMPQ's
+    mean accuracies' t intervals from each seed's own summary."""
+    out = dict(summary)
+    for name in methods:
+        if name in out and isinstance(out[name], Mapping) and "speed_capture" in out[name]:
+            out[name] = _with_capture_ci(out[name], per_seed, name, "methods")
+    if isinstance(out.get("fedmpq"), Mapping):
+        fedmpq = {}
+        for name, figures in out["fedmpq"].items():
+            fedmpq[name] = {
+                **figures,
+                "ci95": {
+                    key: _ci(
+                        [
+                            r.get("summary", {}).get("fedmpq", {}).get(name, {}).get(key)
+                            for r in per_seed.values()
+                        ],
+                        4,
+                    )
+                    for key in figures
+                },
+            }
+        out["fedmpq"] = fedmpq
+    return out
+
+
+def _pairs(methods: Sequence[str]) -> list[tuple[str, str]]:
+    """(method, reference) for every method against each reference present, each unordered
+    pair once (all_ptq - all_qat, not all_qat - all_ptq too)."""
+    pairs, seen = [], set()
+    for ref in (r for r in _REFERENCES if r in methods):
+        for name in methods:
+            if name != ref and frozenset((name, ref)) not in seen:
+                seen.add(frozenset((name, ref)))
+                pairs.append((name, ref))
+    return pairs
+
+
+def _paired(methods: Mapping[str, dict], per_seed: Mapping[int, dict]) -> dict[str, Any]:
+    """Paired differences over seeds: `differences["m - ref"]` of final_acc and sim_seconds
+    (mean of the per-seed differences, paired t interval, n matched seeds), and
+    `capture_sum`, FedHQ's capture sum minus random hybrid's, bootstrapped over the same
+    resampled seeds."""
+    differences = {}
+    for name, ref in _pairs(list(methods)):
+        row: dict[str, Any] = {"method": name, "reference": ref}
+        for key, digits in (("final_acc", 4), ("sim_seconds", 2)):
+            d = paired_diff(
+                {s: r["methods"][name].get(key) for s, r in per_seed.items()},
+                {s: r["methods"][ref].get(key) for s, r in per_seed.items()},
+                LEVEL,
+            )
+            row[key] = (
+                None
+                if d is None
+                else {"diff": round(d.estimate, digits), "ci95": d.pair(digits), "n": d.n}
+            )
+        differences[f"{name} - {ref}"] = row
+    out: dict[str, Any] = {"differences": differences}
+    if {_FEDHQ, _RANDOM_HYBRID, "all_qat", "all_ptq"} <= set(methods):
+        out["capture_sum"] = _capture_sum_diff(per_seed)
+    return out
+
+
+def _capture_sum_diff(per_seed: Mapping[int, dict]) -> dict[str, Any]:
+    def diff(samples: list[Any]) -> float | None:
+        a = _captures_of(samples, _FEDHQ, "methods")["sum"]
+        b = _captures_of(samples, _RANDOM_HYBRID, "methods")["sum"]
+        return None if a is None or b is None else a - b
+
+    ci = _bootstrap(diff, per_seed)
+    defined = ci.estimate is not None and ci.lo is not None
+    out: dict[str, Any] = {
+        "method": _FEDHQ,
+        "reference": _RANDOM_HYBRID,
+        "diff": None if ci.estimate is None else round(ci.estimate, 4),
+        "ci95": ci.pair(4) if defined else None,
+        "n": ci.n,
+        "bootstrap_dropped": ci.dropped,
+    }
+    if not defined:
+        out["verdict"] = (
+            "undefined: a capture sum is undefined on the means (all_qat not slower, or not "
+            "more accurate, than all_ptq)"
+        )
+    elif ci.lo > 0:
+        out["verdict"] = (
+            "FedHQ's capture sum exceeds random hybrid's, with the paired interval above 0"
+        )
+    elif ci.hi < 0:
+        out["verdict"] = (
+            "FedHQ's capture sum is below random hybrid's, with the paired interval below 0"
+        )
+    else:
+        out["verdict"] = (
+            "FedHQ's capture sum does not clearly differ from random hybrid's: the paired "
+            "interval includes 0"
+        )
     return out
 
 
 def _write_mean(
     out: Path, exp: Experiment, quick: bool, per_seed: Mapping[int, dict], t0: float
 ) -> dict[str, Any]:
-    """results.json over several seeds: the means of every figure, captures from the means."""
+    """results.json over several seeds: the means of every figure with their intervals
+    (`ci95`), captures from the means with bootstrap intervals, and paired differences."""
     first = next(iter(per_seed.values()))
     methods = {
         name: _mean_entry({s: r["methods"][name] for s, r in per_seed.items()})
@@ -259,7 +486,9 @@ def _write_mean(
     for name in first["ablations"]:
         entry = _mean_entry({s: r["ablations"][name] for s, r in per_seed.items()})
         cap = _capture({**methods, name: entry}, name)
-        ablations[name] = {**entry, **_with_sum(cap)} if cap is not None else entry
+        if cap is not None:
+            entry = _with_capture_ci({**entry, **_with_sum(cap)}, per_seed, name, "ablations")
+        ablations[name] = entry
     alloc = {
         k: max(r["allocation_seconds"][k] for r in per_seed.values())
         for k in first["allocation_seconds"]
@@ -270,11 +499,19 @@ def _write_mean(
         "quick": quick,
         "devices": first["devices"],
         "seeds": list(per_seed),
-        "time_note": TIME_NOTE + " Every figure is the mean over the seeds; by_seed has each.",
+        "time_note": TIME_NOTE
+        + " Every figure is the mean over the seeds; by_seed has each, ci95 its 95% interval.",
+        "statistics": {
+            "note": STATS_NOTE,
+            "level": LEVEL,
+            "bootstrap_resamples": N_BOOT,
+            "bootstrap_seed": BOOT_SEED,
+        },
         "allocation_seconds": alloc,
         "methods": methods,
         "ablations": ablations,
-        "summary": _summary(methods, exp.devices),
+        "summary": _summary_ci(_summary(methods, exp.devices), methods, per_seed),
+        "paired": _paired(methods, per_seed),
         "summary_by_seed": {str(s): r["summary"] for s, r in per_seed.items()},
         "seconds": round(time.perf_counter() - t0, 1),
     }
