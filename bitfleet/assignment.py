@@ -33,7 +33,9 @@ class Assignment:
     `per_layer_bits` FedMPQ's widths per layer; `step` the QAT step mode (None: the method's
     default, frozen); `lasso` FedMPQ's group-Lasso strength; `deploy_bits` the width the device's
     final model is exported at (decided once, with the assignment; None where the job never
-    exports per device).
+    exports per device). `act_bits` is the activation width (None: float activations, as
+    before) and `act_bit_set` MQAT's activation widths, drawn per round; both travel only
+    when set, so an older peer, which ignores unknown fields, reads the same assignment.
     """
 
     strategy: str
@@ -43,6 +45,8 @@ class Assignment:
     step: str | None = None
     lasso: float | None = None
     deploy_bits: int | None = None
+    act_bits: int | None = None
+    act_bit_set: tuple[int, ...] | None = None
 
     def method_options(self) -> dict[str, object]:
         """The keyword options `make_method(self.strategy, ...)` takes for this assignment."""
@@ -58,6 +62,10 @@ class Assignment:
                 options["layer_bits"] = dict(self.per_layer_bits)
             if self.lasso is not None:
                 options["lasso"] = float(self.lasso)
+        if self.act_bits is not None:
+            options["act_bits"] = int(self.act_bits)
+        if self.strategy == "mqat" and self.act_bit_set:
+            options["act_bit_set"] = tuple(self.act_bit_set)
         return options
 
     def method(self) -> LocalMethod:
@@ -73,14 +81,24 @@ class Assignment:
         return dict(self.per_layer_bits) if self.per_layer_bits else self.deploy_bits
 
     def describe(self) -> str:
-        """A short human label: "qat 2-bit", "mqat {2,4,8}", "mpq budget 4-bit", "ptq"."""
+        """A short human label: "qat 2-bit", "mqat {2,4,8}", "mpq budget 4-bit", "ptq"; with
+        activation widths "qat W2A2", "mqat {2,4,8} A{2,4,8}", "mpq budget 4-bit A4", "ptq A8"."""
+        acts = ""
+        if self.strategy == "mqat" and self.act_bit_set:
+            acts = "A{" + ",".join(str(b) for b in self.act_bit_set) + "}"
+        elif self.act_bits is not None:
+            acts = f"A{self.act_bits}"
         if self.strategy in ("qat", "apqn"):
+            if acts:
+                return f"{self.strategy} W{self.bits}{acts}"
             return f"{self.strategy} {self.bits}-bit"
         if self.strategy == "mqat" and self.bit_set:
-            return "mqat {" + ",".join(str(b) for b in self.bit_set) + "}"
-        if self.strategy == "mpq":
-            return f"mpq budget {self.bits}-bit"
-        return self.strategy
+            label = "mqat {" + ",".join(str(b) for b in self.bit_set) + "}"
+        elif self.strategy == "mpq":
+            label = f"mpq budget {self.bits}-bit"
+        else:
+            label = self.strategy
+        return f"{label} {acts}" if acts else label
 
     def to_message(self) -> dict[str, Any]:
         """The assignment's fields of an `assign` message body (and of a task's assignment)."""
@@ -96,6 +114,10 @@ class Assignment:
             body["lasso"] = self.lasso
         if self.deploy_bits is not None:
             body["deploy_bits"] = self.deploy_bits
+        if self.act_bits is not None:
+            body["act_bits"] = self.act_bits
+        if self.act_bit_set is not None:
+            body["act_bit_set"] = list(self.act_bit_set)
         return body
 
     @classmethod
@@ -108,6 +130,8 @@ class Assignment:
             lasso = body.get("lasso")
             deploy = body.get("deploy_bits")
             step = body.get("step")
+            act_bits = body.get("act_bits")
+            act_bit_set = body.get("act_bit_set")
             return cls(
                 strategy=str(body["strategy"]),
                 bits=int(body["bits"]),
@@ -116,6 +140,8 @@ class Assignment:
                 step=str(step) if step else None,
                 lasso=None if lasso is None else float(lasso),
                 deploy_bits=None if deploy is None else int(deploy),
+                act_bits=None if act_bits is None else int(act_bits),
+                act_bit_set=tuple(int(b) for b in act_bit_set) if act_bit_set else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ProtocolError("bad_assign", f"assignment is malformed: {exc}") from None

@@ -20,7 +20,8 @@ import numpy as np
 SESSION_CONFIG_KEY = "bitfleet.ort_session_config"
 """Metadata key of the onnxruntime session settings a file wants (JSON object)."""
 ACTIVATIONS_KEY = "bitfleet.activations"
-"""Metadata key saying whether a file computes on integer kernels ("float" if not)."""
+"""Metadata key saying how a file's activations run: "uint8 per-tensor" on integer kernels,
+"<b>-bit per-tensor (Q/DQ)" as Q/DQ pairs computed in float, "float" without."""
 
 
 def session(model: Any, threads: int = 2) -> Any:
@@ -111,7 +112,9 @@ def time_file(blob: bytes, threads: int = 0, runs: int = 20, warmup: int = 5) ->
     ms = min(latency_ms(sess, 1, shape, runs=n, warmup=0) for _ in range(3))
     grown = max(0, proc.memory_info().rss - before)
     del sess
-    return FileTiming(ms, grown, props.get(ACTIVATIONS_KEY, "float") != "float")
+    # Only uint8 activations run on integer kernels; "float" and the Q/DQ emulation of
+    # narrower trained activations ("2-bit per-tensor (Q/DQ)") compute in float.
+    return FileTiming(ms, grown, props.get(ACTIVATIONS_KEY, "float") == "uint8 per-tensor")
 
 
 def ort_int8_qdq(

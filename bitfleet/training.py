@@ -45,7 +45,9 @@ def train(
 ) -> float:
     """Train `model` with `method` for `epochs` passes (fractions allowed); return mean loss.
 
-    The method's hooks run at the start (`begin_round`) and before every step; `on_step`
+    The method's hooks run at the start (`begin_round`, then `calibrate` on the round's first
+    `method.act_calib_batches` batches when it quantizes activations in training, so their
+    ranges are this device's and stay fixed for the round) and before every step; `on_step`
     receives (step, total_steps, loss) for progress display. Federated rounds keep a
     constant rate; centralised runs may decay it with `lr_schedule="cosine"`.
     """
@@ -67,6 +69,9 @@ def train(
     )
     method.begin_round(model, rng)
     order = torch.randperm(len(x), generator=gen)
+    if method.training_act_bits() is not None:
+        n = max(1, min(method.act_calib_batches, steps_per_epoch))
+        method.calibrate(model, [x[order[i * batch_size : (i + 1) * batch_size]] for i in range(n)])
     loss_sum = 0.0
     for step in range(total):
         pos = step % steps_per_epoch

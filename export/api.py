@@ -22,7 +22,7 @@ from torch import nn
 from bitfleet.quant import quant_layers
 from bitfleet.runtime_facts import OPSET_BASE, OPSET_INT2
 
-from .fold import prepare_for_export
+from .fold import ActGrid, activation_grids, prepare_for_export
 from .qdq import (
     STORAGES,
     ExportPlan,
@@ -37,6 +37,22 @@ GREEDY_MAX_LAYERS = 12
 """Up to this many layers, each is tried in float; beyond, only the first and the last."""
 GAIN_NEEDED = 0.97
 """A layer stays float only when that makes the model at least 3% faster."""
+INTEGER_KERNELS = "uint8 per-tensor"
+"""`bitfleet.activations` of a file whose layers run on onnxruntime's integer kernels."""
+
+
+def label_bits(grids: Mapping[str, ActGrid]) -> str:
+    return ",".join(str(b) for b in sorted({g.bits for g in grids.values()}))
+
+
+def activations_label(grids: Mapping[str, ActGrid], integer_kernels: bool) -> str:
+    """`bitfleet.activations`: "uint8 per-tensor" (integer kernels), "2-bit per-tensor (Q/DQ)"
+    (the model's own grids as Q/DQ pairs around float compute), or "float"."""
+    if integer_kernels:
+        return INTEGER_KERNELS
+    if grids:
+        return f"{label_bits(grids)}-bit per-tensor (Q/DQ)"
+    return "float"
 
 
 @dataclass
@@ -95,12 +111,23 @@ def export_model(
     (INT4 / INT2 initializers, dequantized to float at run time). `calib`: [0, 1] pixels
     (N, C, H, W) for the activation ranges, needed with `activations`. `max_opset`: the newest
     opset the target's onnxruntime loads; below 25, 2-bit weights are stored in INT4.
+
+    A model deployed with activation bits carries its own activation grids, and the file
+    computes with exactly those (whatever `activations` and `storage` say): at 8 bits, int8
+    storage, `activations` and `calib`, through integer kernels where they are faster (the
+    uint8 pairs take the model's grids); otherwise as Q/DQ pairs around float compute
+    (below 8 bits: Clip to the 2^b levels, then uint8 Q/DQ).
     """
     if max_opset < OPSET_BASE:
         raise ValueError(f"max_opset {max_opset}: every file needs opset {OPSET_BASE} (ort 1.20)")
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+    grids = activation_grids(model)
     activations = activations and storage == "int8"
+    if grids:
+        no_calib = calib is None or len(calib) == 0
+        uint8 = all(g.bits == 8 and not g.signed for g in grids.values())
+        activations = activations and uint8 and not no_calib
     if activations and (calib is None or len(calib) == 0):
         raise ValueError("8-bit activations need calibration samples (calib)")
     bits = {n: m.bits for n, m in quant_layers(model).items()}
@@ -111,7 +138,7 @@ def export_model(
     def build(floats: set[str], acts: bool = activations) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(base)
-        plan = ExportPlan(layers, storage, acts, set(floats), max_opset)
+        plan = ExportPlan(layers, storage, acts, set(floats), max_opset, act_grids=grids)
         return quantize_graph(m, plan, ranges)
 
     ranges = None
@@ -134,11 +161,21 @@ def export_model(
         "bitfleet.input": "pixels: NCHW float32 in [0, 1], dynamic batch; normalisation in graph",
         "bitfleet.bits_per_layer": json.dumps(bits),
         "bitfleet.storage": storage,
-        "bitfleet.activations": "uint8 per-tensor" if activations else "float",
+        "bitfleet.activations": activations_label(grids, activations),
         "bitfleet.float_layers": json.dumps(sorted(chosen)),
         SESSION_CONFIG_KEY: json.dumps({} if activations else {"session.disable_quant_qdq": "1"}),
         "bitfleet.float_layers_reason": (
             "integer kernels measured slower than float on the exporting machine" if chosen else ""
+        ),
+        **(
+            {
+                "bitfleet.activation_bits": json.dumps({n: g.bits for n, g in grids.items()}),
+                "bitfleet.activation_calibrator": ",".join(
+                    sorted({g.calibrator for g in grids.values()})
+                ),
+            }
+            if grids
+            else {}
         ),
         **{
             f"bitfleet.{k}": v if isinstance(v, str) else json.dumps(v)
@@ -161,7 +198,7 @@ def export_model(
         path=path,
         bits=bits,
         storage=storage,
-        activations="8" if activations else "float",
+        activations="8" if activations else (f"{label_bits(grids)}-qdq" if grids else "float"),
         float_layers=sorted(chosen),
         lat_b32_ms=timing,
     )

@@ -32,6 +32,41 @@ class LayerQuant:
     kernel_elems: int
 
 
+@dataclass(frozen=True)
+class ActGrid:
+    """The per-tensor grid a layer's input is fake-quantized on in PyTorch (the model's own
+    `ActivationQuantizer`): q = clip(round(x / scale) + zero_point, qmin, qmax)."""
+
+    bits: int
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+    calibrator: str
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    def key(self) -> tuple[float, int, int, int]:
+        return (self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+def activation_grids(model: nn.Module) -> dict[str, ActGrid]:
+    """The input grid of every quantized layer whose activations a `deploy(..., act_bits)`
+    quantizes, by layer name; empty for a model with float activations."""
+    grids: dict[str, ActGrid] = {}
+    for name, layer in quant_layers(model).items():
+        q = layer.input_quant
+        if layer.bits == FLOAT_BITS or q is None or q.bits is None:
+            continue
+        if not q.calibrated:
+            raise ValueError(f"layer {name!r}: activation quantizer is not calibrated")
+        scale, zero_point, qmin, qmax = q.qparams()
+        grids[name] = ActGrid(q.bits, scale, zero_point, qmin, qmax, q.calibrator)
+    return grids
+
+
 @torch.no_grad()
 def prepare_for_export(model: nn.Module) -> tuple[nn.Module, dict[str, LayerQuant]]:
     """A float copy to trace (BatchNorm folded, weights = Q(w)) and the per-layer integers."""

@@ -7,6 +7,15 @@ the layer runs on integer kernels, its input and output activations pass through
 QuantizeLinear/DequantizeLinear pairs placed the way onnxruntime fuses them into
 QLinearConv / QLinearMatMul (Relu absorbed by a zero point of 0, MaxPool and Flatten sharing
 their input's grid).
+
+A model deployed with activation bits (`deploy(..., act_bits)`) brings its own grids, one per
+quantized layer's input (`fold.activation_grids`): those tensors are quantized on exactly the
+PyTorch grid. At 8 bits on integer kernels the pairs above take the grid of the layer their
+tensor feeds (through Relu, MaxPool, Flatten, which commute with a monotonic quantizer);
+every other layer's input gets its own pair, `Clip` to the 2^b levels below 8 bits, then
+QuantizeLinear/DequantizeLinear in uint8 (int8 when signed) with the trained scale and zero
+point, so exactly 2^b levels are used and onnxruntime computes what PyTorch's fake-quant does
+(QuantizeLinear divides by the scale and rounds half to even, as `fake_quant_activation`).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from torch import nn
 from bitfleet.quant import affine_qparams
 from bitfleet.runtime_facts import OPSET_BASE, OPSET_INT2
 
-from .fold import LayerQuant
+from .fold import ActGrid, LayerQuant
 
 STORAGES = ("int8", "packed")
 _TIED = {"MaxPool", "Flatten", "Reshape", "Identity"}
@@ -44,6 +53,8 @@ class ExportPlan:
     float_layers: set[str] = field(default_factory=set)
     max_opset: int = OPSET_INT2
     """The newest opset the target runtime loads (docs/export.md#runtimes)."""
+    act_grids: Mapping[str, ActGrid] = field(default_factory=dict)
+    """The model's own input grid per layer (trained or calibrated with `act_bits`)."""
 
     def integer_kernel(self, name: str) -> bool:
         return self.activations and self.storage == "int8" and name not in self.float_layers
@@ -221,12 +232,16 @@ def quantize_graph(
 
     act_tensors, tied = activation_tensors(model, plan)
     qparams: dict[str, tuple[float, int]] = {}
+    model_grid = _grid_of_tensors(model, plan) if plan.act_grids else {}
     for t in act_tensors:
         src = tied.get(t, t)
         if src not in qparams:
-            if act_ranges is None or src not in act_ranges:
+            if src in model_grid:
+                qparams[src] = model_grid[src].key()[:2]
+            elif act_ranges is None or src not in act_ranges:
                 raise ValueError(f"no calibrated range for activation {src!r}")
-            qparams[src] = affine_qparams(*act_ranges[src], bits=8)
+            else:
+                qparams[src] = affine_qparams(*act_ranges[src], bits=8)
         qparams[t] = qparams[src]
 
     # Biases of integer-kernel layers become int32 on the grid s_x * s_w, as kernels expect.
@@ -260,6 +275,8 @@ def quantize_graph(
                 if name == t:
                     c.input[i] = f"{t}.dq"
 
+    emulated = _emulate_inputs(g, plan, qparams)
+
     # Constants first, then the original nodes with each QDQ pair right after its producer.
     producers = {o: i for i, n in enumerate(g.g.node) for o in n.output}
     ordered: list[onnx.NodeProto] = list(dq_nodes)
@@ -276,6 +293,9 @@ def quantize_graph(
     for i, n in enumerate(g.g.node):
         ordered.append(n)
         ordered.extend(by_pos.get(i, []))
+    if emulated:
+        available = {i.name for i in g.g.input} | set(g.inits)
+        ordered = _toposort(ordered + emulated, available)
     del g.g.node[:]
     g.g.node.extend(ordered)
     if needs_int2:
@@ -330,3 +350,104 @@ def activation_tensors(model: onnx.ModelProto, plan: ExportPlan) -> tuple[set[st
                     chosen.add(out)
                     changed = True
     return chosen, tied
+
+
+def _grid_of_tensors(model: onnx.ModelProto, plan: ExportPlan) -> dict[str, ActGrid]:
+    """The model grid each tensor can carry exactly: a layer's input tensor takes its layer's
+    grid, and a tensor that reaches exactly one grid layer's input only through ops that
+    commute with a monotonic quantizer (MaxPool, Flatten, Reshape, Identity) takes that one
+    (quantizing before a MaxPool and after it give the same numbers)."""
+    g = model.graph
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in g.node:
+        for name in node.input:
+            consumers[name].append(node)
+    direct: dict[str, ActGrid] = {}
+    for node in g.node:
+        name = _weight_layer(node, plan.layers)
+        if name in plan.act_grids and (plan.integer_kernel(name) or node.input[0] not in direct):
+            direct[node.input[0]] = plan.act_grids[name]
+    out = dict(direct)
+    for t in {o for n in g.node for o in n.output} | {i.name for i in g.input}:
+        if t in out:
+            continue
+        cur = t
+        for _ in range(len(g.node)):
+            users = consumers.get(cur, [])
+            if len(users) != 1 or users[0].op_type not in _TIED:
+                break
+            cur = users[0].output[0]
+            if cur in direct:
+                out[t] = direct[cur]
+                break
+    return out
+
+
+def _emulate_inputs(
+    g: _Graph, plan: ExportPlan, qparams: Mapping[str, tuple[float, int]]
+) -> list[onnx.NodeProto]:
+    """[Clip ->] QuantizeLinear -> DequantizeLinear on the input of every grid layer that is
+    not on integer kernels (on the edge into that layer only: another consumer of the tensor
+    sees what it sees in PyTorch). An input already on the same grid is left as it is."""
+    nodes: list[onnx.NodeProto] = []
+    made: dict[tuple[str, tuple], str] = {}
+    for node in list(g.g.node):
+        name = _weight_layer(node, plan.layers)
+        if name not in plan.act_grids or plan.integer_kernel(name):
+            continue
+        grid = plan.act_grids[name]
+        t = node.input[0]
+        src = t[: -len(".dq")] if t.endswith(".dq") else None
+        if src is not None and qparams.get(src) == grid.key()[:2] and grid.bits == 8:
+            continue  # already quantized on this very grid (a uint8 pair of integer kernels)
+        key = (t, grid.key())
+        if key not in made:
+            base = f"{name}.ain"
+            dtype = np.int8 if grid.signed else np.uint8
+            scale = np.float32(grid.scale)
+            g.add_initializer(numpy_helper.from_array(np.array(scale, np.float32), f"{base}.s"))
+            g.add_initializer(
+                numpy_helper.from_array(np.array(grid.zero_point, dtype), f"{base}.z")
+            )
+            x = t
+            info = np.iinfo(dtype)
+            if grid.qmin > info.min or grid.qmax < info.max:
+                lo = np.float32((grid.qmin - grid.zero_point) * scale)
+                hi = np.float32((grid.qmax - grid.zero_point) * scale)
+                g.add_initializer(numpy_helper.from_array(np.array(lo, np.float32), f"{base}.lo"))
+                g.add_initializer(numpy_helper.from_array(np.array(hi, np.float32), f"{base}.hi"))
+                nodes.append(
+                    helper.make_node("Clip", [t, f"{base}.lo", f"{base}.hi"], [f"{base}.c"])
+                )
+                x = f"{base}.c"
+            nodes.append(
+                helper.make_node("QuantizeLinear", [x, f"{base}.s", f"{base}.z"], [f"{base}.q"])
+            )
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear", [f"{base}.q", f"{base}.s", f"{base}.z"], [f"{base}.dq"]
+                )
+            )
+            made[key] = f"{base}.dq"
+        node.input[0] = made[key]
+    return nodes
+
+
+def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` in an order where every input is produced first, keeping the given order where
+    it already is one."""
+    available = set(available) | {""}
+    out: list[onnx.NodeProto] = []
+    pending = list(nodes)
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in available for i in n.input):
+                out.append(n)
+                available.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError("graph has a cycle or an input nothing produces")
+        pending = rest
+    return out

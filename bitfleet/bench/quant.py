@@ -3,7 +3,10 @@
 Float training, PTQ (max-abs and MSE scales), QAT at 4 and 2 bits, MQAT over {2,3,4,6,8},
 and the cost of a QAT step against a float step, all in one run with one seed, so the
 ratios are comparable on a noisy machine. QAT and MQAT start from the trained float model,
-the usual QAT recipe; all quantization is weight-only, per output channel, as in paper 003.
+the usual QAT recipe; weights are quantized per output channel, as in paper 003. The `wa`
+section adds activation quantization (paper 003, 5.2-5.3): PTQ (MSE weights and MSE
+per-tensor activation ranges, calibrated on training images) against QAT fine-tuned at the
+same (weights, activations) widths, and `qat_wa_step_ratio` the cost of a W2A2 QAT step.
 """
 
 from __future__ import annotations
@@ -29,6 +32,10 @@ PTQ_BITS = (8, 6, 4, 3, 2)
 QAT_BITS = (4, 2)
 MQAT_SET = (2, 3, 4, 6, 8)
 EVAL_BITS = (32, 8, 6, 4, 3, 2)
+WA_PAIRS = ((2, 2), (2, 3), (4, 2))
+"""(weight bits, activation bits) of the activation-quantization comparison."""
+WA_CALIB = 256
+"""Training images the activation ranges of a deployed model are calibrated on."""
 
 
 @dataclass(frozen=True)
@@ -54,8 +61,16 @@ def _lenet(data: ImageData) -> nn.Module:
     return create_model_for("lenet5", data.spec)
 
 
-def _accuracy_at(model: nn.Module, method: LocalMethod, bits: int, data: ImageData) -> float:
-    return evaluate(method.deploy(copy.deepcopy(model), bits), data.test_x, data.test_y)
+def _accuracy_at(
+    model: nn.Module,
+    method: LocalMethod,
+    bits: int,
+    data: ImageData,
+    act_bits: int | None = None,
+) -> float:
+    calib = None if act_bits is None else data.train_x[:WA_CALIB]
+    deployed = method.deploy(copy.deepcopy(model), bits, act_bits=act_bits, calib=calib)
+    return evaluate(deployed, data.test_x, data.test_y)
 
 
 def step_times(
@@ -70,9 +85,14 @@ def step_times(
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     runs = []
+    calib_gen = torch.Generator().manual_seed(cfg.seed + 1)
     for name, method in methods.items():
         model = method.prepare(_lenet(data))
         method.begin_round(model, rng)
+        # Activation ranges are calibrated once at the round start, as `train` does; the
+        # steps below then run on frozen ranges.
+        calib = torch.randint(len(data.train_x), (cfg.batch_size,), generator=calib_gen)
+        method.calibrate(model, [data.train_x[calib]])
         runs.append((name, model, make_optimizer(model, "adam", cfg.lr), method, []))
     gen = torch.Generator().manual_seed(cfg.seed)
     for i in range(cfg.timing_warmup + cfg.timing_steps):
@@ -137,12 +157,26 @@ def run_quant_bench(
     mqat = {str(b): _accuracy_at(model, method, b, data) for b in EVAL_BITS}
     progress.done("MQAT", " ".join(f"{b}b {a:.4f}" for b, a in mqat.items()))
 
+    wa: dict[str, dict[str, float]] = {}
+    ptq_wa = PTQ(scale_method="mse", act_calibrator="mse")
+    for bits, act_bits in WA_PAIRS:
+        key = f"W{bits}A{act_bits}"
+        model = copy.deepcopy(fp_model)
+        method = QAT(bits=bits, act_bits=act_bits, scale_method=cfg.qat_scale, step=cfg.qat_step)
+        fit(model, method, cfg.qat_epochs, cfg.lr, f"QAT {key}")
+        wa[key] = {
+            "ptq": _accuracy_at(fp_model, ptq_wa, bits, data, act_bits),
+            "qat": _accuracy_at(model, method, bits, data, act_bits),
+        }
+        progress.done(f"QAT {key}", f"PTQ {wa[key]['ptq']:.4f} QAT {wa[key]['qat']:.4f}")
+
     times = step_times(
         data,
         cfg,
         {
             "fp": LocalMethod(),
             "qat": QAT(bits=2, scale_method=cfg.qat_scale, step=cfg.qat_step),
+            "qat_wa": QAT(bits=2, act_bits=2, scale_method=cfg.qat_scale, step=cfg.qat_step),
             "qat_learned_mse": QAT(bits=2, scale_method="mse", step="learned"),
             "qat_dynamic_max": QAT(bits=2, scale_method="max", step="dynamic"),
         },
@@ -154,7 +188,9 @@ def run_quant_bench(
         "ptq": ptq,
         "qat": qat,
         "mqat": mqat,
+        "wa": wa,
         "qat_step_ratio": times["qat"] / times["fp"],
+        "qat_wa_step_ratio": times["qat_wa"] / times["fp"],
         "step_ms": {k: v * 1e3 for k, v in times.items()},
         "seconds": time.perf_counter() - start,
         "setting": {
@@ -165,6 +201,12 @@ def run_quant_bench(
             "qat_step_ratio": f"2-bit QAT step ({cfg.qat_step} {cfg.qat_scale} step) / float "
             f"step, LeNet-5, batch 64, Adam, median of {cfg.timing_steps} interleaved steps "
             f"after {cfg.timing_warmup} warm-up; step_ms also has LSQ and max-abs per step",
+            "qat_wa_step_ratio": "W2A2 QAT step (weights as qat_step_ratio; every quantized "
+            "layer's input fake-quantized per tensor on a range MSE-calibrated at the round "
+            "start) / float step, measured in the same interleaved run",
+            "wa": "PTQ: MSE weight steps and MSE activation ranges on "
+            f"{WA_CALIB} training images; QAT: fine-tuned from float at the pair, ranges "
+            "calibrated at its start, recalibrated on the same images at deploy",
             "mqat_bits": list(MQAT_SET),
         },
         "config": asdict(cfg),
@@ -195,7 +237,15 @@ def format_table(result: dict[str, object]) -> str:
         row("QAT 2-bit", {"2": qat["2"]}),  # type: ignore[index]
         row("MQAT {2..8}", mqat),  # type: ignore[arg-type]
         "",
-        f"QAT step / float step: {result['qat_step_ratio']:.3f}; step ms: "
+        "| W/A  |  PTQ   |  QAT   |",
+        "|------|--------|--------|",
+        *(
+            f"| {k} | {v['ptq']:.4f} | {v['qat']:.4f} |"
+            for k, v in result.get("wa", {}).items()  # type: ignore[attr-defined]
+        ),
+        "",
+        f"QAT step / float step: {result['qat_step_ratio']:.3f}; W2A2 QAT step / float "
+        f"step: {result['qat_wa_step_ratio']:.3f}; step ms: "
         + ", ".join(f"{k} {v:.2f}" for k, v in result["step_ms"].items()),  # type: ignore[attr-defined]
         f"total: {result['seconds']:.0f} s",
     ]

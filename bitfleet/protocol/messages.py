@@ -193,7 +193,8 @@ _SCHEMAS: dict[str, Check] = {
             "bits": _BITS,
             "per_layer_bits": _optional(_map_of(_BITS)),
             "job": _JOB,
-        }
+        },
+        {"act_bits": _int(2, 8), "act_bit_set": _list_of(_int(2, 8))},
     ),
     "task": _object(
         {

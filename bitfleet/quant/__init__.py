@@ -1,6 +1,13 @@
 """One quantizer for training, evaluation and export (docs/quantizer.md)."""
 
-from .activation import ActivationQuantizer, affine_qparams
+from .activation import (
+    ACT_CALIBRATORS,
+    ActivationQuantizer,
+    act_qrange,
+    activation_range,
+    affine_qparams,
+    fake_quant_activation,
+)
 from .fake_quant import (
     FLOAT_BITS,
     SUPPORTED_BITS,
@@ -28,12 +35,14 @@ from .methods import (
 from .modules import (
     QuantConv2d,
     QuantLinear,
+    act_quantizers,
     calibrate_activations,
     dequantized_copy,
     freeze_steps,
     init_steps,
     quant_layers,
     quantize_model,
+    set_act_bits,
     set_bits,
     set_mode,
     set_scale_method,
@@ -43,6 +52,7 @@ from .mpq import bit_planes, budget_bits, group_lasso, layer_sizes, plane_sparsi
 from .scales import SCALE_METHODS, weight_scale
 
 __all__ = [
+    "ACT_CALIBRATORS",
     "APQN",
     "FLOAT_BITS",
     "KURE",
@@ -58,11 +68,15 @@ __all__ = [
     "LocalMethod",
     "QuantConv2d",
     "QuantLinear",
+    "act_qrange",
+    "act_quantizers",
+    "activation_range",
     "affine_qparams",
     "bit_planes",
     "budget_bits",
     "calibrate_activations",
     "dequantized_copy",
+    "fake_quant_activation",
     "check_bits",
     "fake_quant_weight",
     "fake_quant_weight_learned",
@@ -79,6 +93,7 @@ __all__ = [
     "quantize_model",
     "quantize_to_int",
     "rescale_step",
+    "set_act_bits",
     "set_bits",
     "set_mode",
     "set_scale_method",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activation import ActivationQuantizer
+from .activation import ActivationQuantizer, check_act_bits, check_act_calibrator
 from .fake_quant import (
     FLOAT_BITS,
     check_bits,
@@ -245,11 +245,51 @@ def set_scale_method(model: nn.Module, method: str) -> None:
 
 
 def set_mode(model: nn.Module, mode: str) -> None:
-    """Switch every layer between "quant" (Q(w, b)) and "noise" (APQN)."""
+    """Switch every layer (and its input quantizer) between "quant" (Q(w, b)) and "noise"
+    (APQN)."""
     if mode not in ("quant", "noise"):
         raise ValueError(f"mode must be 'quant' or 'noise', got {mode!r}")
     for layer in quant_layers(model).values():
         layer.mode = mode
+        if layer.input_quant is not None:
+            layer.input_quant.mode = mode
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActivationQuantizer]:
+    """Each quantized layer's input quantizer, by the layer's name (layers without one left out)."""
+    return {n: m.input_quant for n, m in quant_layers(model).items() if m.input_quant is not None}
+
+
+def set_act_bits(
+    model: nn.Module,
+    act_bits: int | None,
+    *,
+    calibrator: str | None = None,
+    skip_float: bool = False,
+) -> None:
+    """Quantize the input of every quantized layer at `act_bits` (None: float activations).
+
+    Layers without an input quantizer get one (uncalibrated) when `act_bits` is set; with None
+    no quantizer is created, so a model that never asked for activations is untouched.
+    `calibrator` (a name of `ACT_CALIBRATORS`) replaces the quantizers' calibrator; a change
+    forgets their calibration. `skip_float` leaves the input of 32-bit (float) layers float.
+    A new width keeps the calibrated range: its grid is computed from the same observation.
+    """
+    check_act_bits(act_bits)
+    if calibrator is not None:
+        check_act_calibrator(calibrator)
+    for layer in quant_layers(model).values():
+        bits = None if skip_float and layer.bits == FLOAT_BITS else act_bits
+        q = layer.input_quant
+        if q is None:
+            if bits is None:
+                continue
+            q = layer.input_quant = ActivationQuantizer(bits, calibrator=calibrator or "minmax")
+            q.mode = layer.mode
+        q.bits = bits
+        if calibrator is not None and q.calibrator != calibrator:
+            q.calibrator = calibrator
+            q.reset()
 
 
 def init_steps(model: nn.Module, bit_set: Iterable[int], method: str = "mse") -> None:
@@ -261,7 +301,12 @@ def init_steps(model: nn.Module, bit_set: Iterable[int], method: str = "mse") ->
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Observe activation ranges on a few batches so input fake-quant can run."""
+    """Observe activation ranges on a few batches so input fake-quant can run.
+
+    Each call starts a fresh calibration (the previous ranges are forgotten). Batches are model
+    inputs: [0, 1] float pixels or uint8 images (scaled by 1/255, as training feeds them). The
+    model runs in evaluation mode, so BatchNorm's running statistics do not move.
+    """
     quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
     was_training = model.training
     model.eval()
@@ -269,7 +314,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         q.calibrating = True
     try:
         for x in batches:
-            model(x)
+            model(x if x.is_floating_point() else x.to(torch.float32).div_(255.0))
     finally:
         for q in quantizers:
             q.calibrating = False

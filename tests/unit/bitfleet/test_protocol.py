@@ -551,3 +551,13 @@ def test_parse_broker_url() -> None:
     for bad in ["http://h", "h:1883", "mqtt://", "mqtt://h:99999", "mqtt://h:x", "mqtt://h/path"]:
         with pytest.raises(ValueError, match="broker URL"):
             parse_broker_url(bad)
+
+
+def test_assign_checks_optional_activation_widths() -> None:
+    body = {**VALID["assign"], "act_bits": 2, "act_bit_set": [2, 4, 8]}
+    assert decode_message(encode_message("assign", body))["act_bit_set"] == [2, 4, 8]
+    assert decode_message(encode_message("assign", {**body, "act_bits": None}))
+    for bad, reason in (({"act_bits": 1}, "bad_value"), ({"act_bit_set": [2, "4"]}, "bad_type")):
+        with pytest.raises(ProtocolError) as err:
+            decode_message(_raw({"v": 1, "type": "assign", **VALID["assign"], **bad}))
+        assert err.value.reason == reason

@@ -16,7 +16,7 @@ from bitfleet.cli.main import main
 from bitfleet.models import create_model
 from bitfleet.models.normalize import Normalize
 from bitfleet.profiles import ProfileError
-from bitfleet.quant import PTQ, quant_layers, quantize_to_int
+from bitfleet.quant import PTQ, QAT, quant_layers, quantize_to_int
 from export.api import export_model
 from export.checkpoint_model import load_for_export
 from export.runtime import run_batches, session
@@ -211,3 +211,120 @@ def test_cli_exports_and_verifies_a_checkpoint(
     assert code == 0, printed
     assert "8-bit weights, packed storage" in printed and "top-1 agreement 1.0000" in printed
     assert out.stat().st_size > 0
+
+
+def tiny_wa(bits: int, act_bits: int, method=None) -> nn.Module:  # noqa: ANN001
+    model = tiny(32)
+    method = method or PTQ(scale_method="mse")
+    return method.deploy(model, bits, act_bits=act_bits, calib=torch.from_numpy(pixels(256)))
+
+
+@pytest.mark.parametrize(("bits", "act_bits"), [(8, 8), (4, 4), (2, 2), (2, 3)])
+@pytest.mark.parametrize("storage", ["int8", "packed"])
+def test_trained_activation_grids_export_with_identical_numbers(
+    bits: int, act_bits: int, storage: str, tmp_path: Path
+) -> None:
+    model = tiny_wa(bits, act_bits)
+    x = np.random.default_rng(7).random((300, *SHAPE), dtype=np.float32)
+    result = export_model(model, tmp_path / "m.onnx", SHAPE, storage=storage, activations=False)
+    out = run_batches(session(str(result.path)), x)
+    ref = torch_logits(model, x)
+    assert (out.argmax(1) == ref.argmax(1)).mean() == 1.0
+    per_sample = np.abs(out - ref).max(axis=1)
+    # Same grids, same rounding (half to even, by division): only a float accumulation-order
+    # difference that lands an activation on a rounding boundary can move a level.
+    assert np.mean(per_sample < 1e-4) >= 0.99
+    proto = onnx.load(result.path)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["bitfleet.activations"] == f"{act_bits}-bit per-tensor (Q/DQ)"
+    assert props["bitfleet.activation_calibrator"] == "mse"
+    assert json.loads(props["bitfleet.activation_bits"]) == {"conv": act_bits, "fc": act_bits}
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Clip") == (2 if act_bits < 8 else 0)
+    assert ops.count("QuantizeLinear") == 2
+    assert result.activations == f"{act_bits}-qdq"
+
+
+def test_trained_activations_below_8_bits_use_exactly_their_levels(tmp_path: Path) -> None:
+    model = tiny_wa(4, 2)
+    path = tmp_path / "m.onnx"
+    export_model(model, path, SHAPE, storage="packed", activations=False)
+    proto = onnx.load(path)
+    quantized = [n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    proto.graph.output.extend([onnx.ValueInfoProto(name=t) for t in quantized])
+    x = pixels(200)
+    outs = session(proto).run(quantized, {"pixels": x})
+    for q in outs:
+        assert q.dtype == np.uint8 and len(np.unique(q)) <= 4 and q.max() <= 3
+
+
+def test_eight_bit_trained_activations_take_integer_kernels(tmp_path: Path) -> None:
+    from bitfleet.onnx_session import time_file
+
+    model = tiny_wa(8, 8)
+    x = pixels(256)
+    path = tmp_path / "m.onnx"
+    result = export_model(model, path, SHAPE, activations=True, calib=x, float_layers=set())
+    out = run_batches(session(str(result.path)), x)
+    ref = torch_logits(model, x)
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    props = {p.key: p.value for p in onnx.load(path).metadata_props}
+    assert props["bitfleet.activations"] == "uint8 per-tensor" and result.activations == "8"
+    assert time_file(path.read_bytes(), runs=3).integer_kernels
+    export_model(tiny_wa(2, 2), path, SHAPE, activations=True, calib=x)
+    assert not time_file(path.read_bytes(), runs=3).integer_kernels  # Q/DQ: float compute
+
+
+def test_qat_with_activations_exports_what_it_trained(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    gen = torch.Generator().manual_seed(3)
+    xs = torch.rand(128, *SHAPE, generator=gen)
+    ys = torch.randint(0, 5, (128,), generator=gen)
+    from bitfleet.training import train
+
+    method = QAT(bits=2, act_bits=3)
+    train(model, xs, ys, method, epochs=2, batch_size=32, seed=0)
+    method.deploy(model, 2, act_bits=3)  # the ranges calibrated at the round start
+    x = pixels(300)
+    result = export_model(model, tmp_path / "m.onnx", SHAPE, storage="packed")
+    out = run_batches(session(str(result.path)), x)
+    ref = torch_logits(model.eval(), x)
+    assert (out.argmax(1) == ref.argmax(1)).mean() == 1.0
+    assert np.mean(np.abs(out - ref).max(axis=1) < 1e-4) >= 0.99
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_activation_rounding_matches_quantizelinear_on_boundaries(bits: int) -> None:
+    """Values one ulp either side of every half step: PyTorch's fake quantizer and onnxruntime's
+    [Clip ->] QuantizeLinear -> DequantizeLinear pick the same level (division, half to even)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bitfleet.quant import fake_quant_activation
+
+    scale, zp, qmax = float(np.float32(0.0123457)), 3, 2**bits - 1
+    x = ((torch.arange(-20, 300).float() + 0.5) * scale).repeat_interleave(3)
+    x = torch.nextafter(x, x + (torch.arange(len(x)) % 3 - 1).float())
+    s32 = np.float32(scale)
+    inits = [
+        numpy_helper.from_array(np.array(-zp * s32, np.float32), "lo"),
+        numpy_helper.from_array(np.array((qmax - zp) * s32, np.float32), "hi"),
+        numpy_helper.from_array(np.array(s32, np.float32), "s"),
+        numpy_helper.from_array(np.array(zp, np.uint8), "z"),
+    ]
+    nodes = [
+        helper.make_node("Clip", ["x", "lo", "hi"], ["xc"]),
+        helper.make_node("QuantizeLinear", ["xc", "s", "z"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    out = session(model).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(fake_quant_activation(x, scale, zp, 0, qmax).numpy(), out)
