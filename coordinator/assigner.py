@@ -21,7 +21,7 @@ from torch import nn
 from bitfleet.assignment import Assignment
 from bitfleet.board_time import steps_per_round
 from bitfleet.protocol import ProtocolError
-from bitfleet.quant import SUPPORTED_BITS
+from bitfleet.quant import FLOAT_BITS, SUPPORTED_BITS
 from bitfleet.quant.mpq import layer_sizes, plane_sparsity
 from bitfleet.registration import Registration
 
@@ -33,6 +33,10 @@ from .reallocation import Hysteresis, Move, SpeedTracker
 from .state import StateStore
 
 log = logging.getLogger(__name__)
+
+ACT_TRAINED = frozenset({"qat", "mqat", "apqn", "kure"})
+"""Methods that train with `[allocation] act_bits` activations; PTQ and float train in float
+and have their activations calibrated where they are deployed."""
 
 
 def training_bits(cfg: JobConfig, reg: Registration) -> int:
@@ -231,10 +235,14 @@ class Assigner:
                 layers = self._restored_layers[device]
             else:  # at first, the pruning from full width with no sparsity known: sizes decide
                 layers = self._prune_grow({}, bits)
+        act_bits = a.act_bits if a.act_bits < FLOAT_BITS and strategy in ACT_TRAINED else None
+        act_set = tuple(a.act_bit_set) if strategy == "mqat" and a.act_bit_set else None
         return Assignment(
             strategy=strategy,
             bits=bits,
             bit_set=bit_set,
+            act_bits=act_bits,
+            act_bit_set=act_set,
             per_layer_bits=layers,
             step=a.step if strategy in ("qat", "mqat") and a.step != "frozen" else None,
             lasso=a.mpq_lasso if strategy == "mpq" else None,

@@ -259,6 +259,15 @@ class AllocationSection:
     bit_set: tuple[int, ...] = _key(
         (), "int-list", _bit_set, doc="mqat's widths; empty: each device's supported ones"
     )
+    act_bits: int = _key(
+        FLOAT_BITS,
+        "int",
+        _one_of((*SUPPORTED_BITS, FLOAT_BITS)),
+        doc="activation width of QAT, MQAT, APQN, KURE training; 32: float activations",
+    )
+    act_bit_set: tuple[int, ...] = _key(
+        (), "int-list", _bit_set, doc="mqat's activation widths, drawn per round; empty: act_bits"
+    )
     bits_from: str = _key(
         "job", "str", _one_of(BITS_SOURCES), doc="job: `bits` for all; profile: device budget"
     )
@@ -294,6 +303,9 @@ class DeploySection:
     them (docs/export.md#deploy-candidates)."""
 
     bits: tuple[int, ...] = _key((8, 4, 2), "int-list", _bits_list)
+    act_bits: tuple[int, ...] = _key(
+        (), "int-list", _bit_set, doc="activation widths evaluated with each weight width"
+    )
     storage: str = _key(
         "auto", "str", _one_of(STORAGE_MODES), doc="auto: int8 and packed candidates both"
     )

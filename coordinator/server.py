@@ -170,9 +170,10 @@ class Coordinator:
         x, y = self.evaluator.test_set()
         return x.float().div(255).numpy(), y.numpy()
 
-    def evaluate_state(self, state: StateDict, bits: BitMap) -> float:
-        """Test accuracy of `state` deployed at `bits` (one width, or per layer)."""
-        return self.evaluator.accuracy(state, bits)
+    def evaluate_state(self, state: StateDict, bits: BitMap, act_bits: int | None = None) -> float:
+        """Test accuracy of `state` deployed at `bits` (one width, or per layer), with
+        `act_bits` activations (None: float)."""
+        return self.evaluator.accuracy(state, bits, act_bits)
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -371,7 +372,11 @@ class Coordinator:
         if not done:
             return None
         last = done[-1]
-        return {int(b): last.acc_fp32 - a for b, a in last.acc_deploy.items()}  # type: ignore[operator]
+        return {  # weight-only widths; "W2A2" keys add activations
+            int(b): last.acc_fp32 - a  # type: ignore[operator]
+            for b, a in last.acc_deploy.items()
+            if b.isdigit()
+        }
 
     def _export(self) -> None:
         last = self.reports[-1] if self.reports else None

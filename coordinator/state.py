@@ -391,7 +391,7 @@ class StateStore:
                 raise ValueError(f"round {round} is not open")
 
     def set_round_accuracy(
-        self, round: int, acc_fp32: float | None, acc_deploy: Mapping[int, float] | None
+        self, round: int, acc_fp32: float | None, acc_deploy: Mapping[int | str, float] | None
     ) -> bool:
         """Fill in accuracies measured after the round closed (evaluation runs off the loop).
 
@@ -429,7 +429,9 @@ class StateStore:
             d["selected"] = json.loads(d.pop("selected_json"))
             deploy = d.pop("acc_deploy_json")
             d["acc_deploy"] = (
-                None if deploy is None else {int(k): v for k, v in json.loads(deploy).items()}
+                None
+                if deploy is None
+                else {int(k) if k.isdigit() else k: v for k, v in json.loads(deploy).items()}
             )
             out.append(d)
         return out
@@ -439,8 +441,9 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-def _deploy_json(acc_deploy: Mapping[int, float] | None) -> str | None:
-    """Accuracy per bit-width as JSON (object keys are strings; `round_history` turns them back)."""
+def _deploy_json(acc_deploy: Mapping[int | str, float] | None) -> str | None:
+    """Accuracy per bit-width as JSON (object keys are strings; `round_history` turns the
+    weight widths back into ints and keeps "W2A2" keys as they are)."""
     return None if acc_deploy is None else _dumps({str(k): v for k, v in acc_deploy.items()})
 
 

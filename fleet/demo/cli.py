@@ -194,6 +194,7 @@ def _spawn_agents(
 def run_demo(args: argparse.Namespace) -> int:
     from bitfleet.protocol import parse_broker_url
     from coordinator.config import job_config_from_dict
+    from coordinator.evaluation import width_label
     from coordinator.server import Coordinator, RoundReport
     from fleet.broker import EmbeddedBroker
 
@@ -221,7 +222,7 @@ def run_demo(args: argparse.Namespace) -> int:
     metrics = (out / "metrics.jsonl").open("w")
 
     def show(r: RoundReport) -> None:
-        deploy = " ".join(f"{b}-bit {a:.3f}" for b, a in r.acc_deploy.items())
+        deploy = " ".join(f"{width_label(b)} {a:.3f}" for b, a in r.acc_deploy.items())
         print(
             f"round {r.round + 1}/{args.rounds}  devices {len(r.received)}/{len(r.selected)}  "
             f"acc {r.acc_fp32:.3f} (float)  {deploy}  "

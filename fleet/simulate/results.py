@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from coordinator.config import JobConfig
+from coordinator.evaluation import act_key
 
 from .experiment import Experiment, SimDevice
 from .stats import Interval, bootstrap_ci, mean_ci, paired_diff
@@ -39,29 +40,42 @@ def _method_results(
     exp: Experiment,
     cfg: JobConfig,
     job: JobResult,
-    evaluate: Callable[[dict, int | dict[str, int]], float],
+    evaluate: Callable[..., float],
     host_s: float,
 ) -> dict[str, Any]:
     """The method's entry in results.json, from the finished `job` and the coordinator's
-    `evaluate(state, bits)` (its held-out test accuracy of a state deployed at bits)."""
+    `evaluate(state, bits, act_bits)` (its held-out test accuracy of a state deployed at bits,
+    with act_bits activations or float ones).
+
+    With `[deploy] act_bits` the method deploys at its narrowest weight and activation widths
+    (`W<w>A<a>`, the key the evaluator reports rounds under), and `acc_by_widths` holds the grid
+    of every evaluated weight width with every activation width."""
     deploy = min(cfg.deploy.bits)
+    act = min(cfg.deploy.act_bits) if cfg.deploy.act_bits else None
+    key = str(deploy) if act is None else act_key(deploy, act)
     state = job.global_state
     acc_by_bits = {
         str(b): round(evaluate(state, b), 4)
         for b in sorted({*exp.eval_bits, deploy, 32}, reverse=True)
+    }
+    acc_by_widths = {
+        act_key(b, a): round(evaluate(state, b, a), 4)
+        for b in sorted({*exp.eval_bits, deploy} - {32}, reverse=True)
+        for a in sorted(cfg.deploy.act_bits, reverse=True)
     }
     # The fine stage's trial rounds ran on the boards before round 1: their time counts.
     sim = float(job.fine.get("trial_sim_seconds_total", 0.0))
     curve = []
     for r in job.reports:
         sim += r.sim_seconds
-        acc = r.acc_deploy.get(str(deploy))
+        acc = r.acc_deploy.get(key)
         curve.append([r.round + 1, round(sim, 2), None if acc is None else round(acc, 4)])
     allocation = job.allocation
     result: dict[str, Any] = {
-        "final_acc": acc_by_bits.get(str(deploy)),
+        "final_acc": acc_by_bits.get(key) if act is None else acc_by_widths.get(key),
         "final_acc_fp32": acc_by_bits.get("32"),
         "deploy_bits": deploy,
+        **({} if act is None else {"deploy_act_bits": act, "acc_by_widths": acc_by_widths}),
         "sim_seconds": round(sim, 2),
         "host_seconds": round(host_s, 2),
         "rounds": len(job.reports),
@@ -295,7 +309,7 @@ def _mean_entry(runs: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     for key, digits in _MEANS.items():
         if key in out:
             out[key] = _mean([e.get(key) for e in entries], digits)
-    for key in ("acc_by_bits", "device_acc"):
+    for key in ("acc_by_bits", "acc_by_widths", "device_acc"):
         if key in out:
             out[key] = _mean_map([e[key] for e in entries], 4)
     if "qat_devices" in out:

@@ -23,6 +23,7 @@ from bitfleet import plugins
 from bitfleet.data import ImageData
 from bitfleet.protocol.inprocess import InProcessBus
 from coordinator.config import job_config_from_dict
+from coordinator.evaluation import width_label
 from coordinator.server import Coordinator, JobResult, RoundReport
 
 from .compute import ProcessCompute, SequentialCompute
@@ -63,7 +64,7 @@ class _RoundBar:
         done = report.round + 1
         width = 20
         filled = int(width * done / self.rounds)
-        acc = " ".join(f"{b}-bit {a:.3f}" for b, a in report.acc_deploy.items())
+        acc = " ".join(f"{width_label(b)} {a:.3f}" for b, a in report.acc_deploy.items())
         line = (
             f"{self.method:>14} [{'#' * filled}{'.' * (width - filled)}] round {done}/{self.rounds}"
             f"  acc {report.acc_fp32:.3f} float, {acc}  sim {self.sim:7.0f} s"

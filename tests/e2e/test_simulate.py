@@ -159,6 +159,29 @@ def test_seeds_must_be_distinct_non_negative_integers(experiment: Path, tmp_path
         load_experiment(experiment)
 
 
+def test_activation_widths_are_trained_evaluated_and_deployed(
+    experiment: Path, tmp_path: Path
+) -> None:
+    """W2A2 end to end: QAT-side devices train with 2-bit activations, every round is scored at
+    W2A2 and W2A4 beside the weight-only widths, and the method deploys at W2A2."""
+    text = experiment.read_text()
+    text = text.replace("[deploy]\nbits = [2]", "[deploy]\nbits = [2]\nact_bits = [2, 4]")
+    text = text.replace("[allocation]\nbits = 2", "[allocation]\nbits = 2\nact_bits = 2")
+    for name in ("fedhq", "mpq"):  # two methods are enough here
+        text = text.split(f"[methods.{name}]")[0] + "\n".join(
+            text.split(f"[methods.{name}]")[1].split("\n")[2:]
+        )
+    text = text.split("[ablations")[0]
+    path = tmp_path / "act.toml"
+    path.write_text(text)
+    results = run_experiment(path, tmp_path / "out")
+    for m in results["methods"].values():
+        assert m["deploy_act_bits"] == 2
+        assert set(m["acc_by_widths"]) == {"W4A4", "W4A2", "W2A4", "W2A2"}
+        assert m["final_acc"] == m["acc_by_widths"]["W2A2"]
+        assert all(point[2] is not None for point in m["curve"])  # rounds scored at W2A2
+
+
 def test_bad_experiment_files_say_what_is_wrong(tmp_path: Path, experiment: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(experiment.read_text().replace('board = "rpi5"', 'board = "pi9000"'))

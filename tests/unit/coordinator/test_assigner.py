@@ -62,3 +62,22 @@ def test_fedmpq_layer_bits_survive_a_restart(tmp_path: Path) -> None:
         assert resumed.assignments["d0"].per_layer_bits == revised
         assert all(a.per_layer_bits == revised for _, a in sent)
         assert resumed.assignments["d0"].final_bits() == revised
+
+
+def test_activation_widths_reach_the_methods_that_train_with_them(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "s.sqlite") as store:
+        allocation = {"mode": "fixed", "strategy": "mqat", "act_bits": 2, "act_bit_set": [2, 4]}
+        assigner, _ = _assigner(store, allocation)
+        _register(store, assigner, "pi5", "rpi5")
+        a = assigner.assignments["pi5"]
+        assert (a.act_bits, a.act_bit_set) == (2, (2, 4))
+        assert a.method().act_bit_set == (2, 4)
+        assert "A{2,4}" in a.describe()
+    with StateStore(tmp_path / "p.sqlite") as store:  # PTQ trains in float: no activation bits
+        assigner, _ = _assigner(store, {"mode": "fixed", "strategy": "ptq", "act_bits": 2})
+        _register(store, assigner, "pi5", "rpi5")
+        assert assigner.assignments["pi5"].act_bits is None
+    with StateStore(tmp_path / "f.sqlite") as store:  # the default: float activations
+        assigner, _ = _assigner(store, {"mode": "fixed", "strategy": "qat"})
+        _register(store, assigner, "pi5", "rpi5")
+        assert assigner.assignments["pi5"].act_bits is None
