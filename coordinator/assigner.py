@@ -127,6 +127,11 @@ class Assigner:
             elif self.allocation is not None or self.cfg.allocation.mode == "fixed":
                 self._assign(reg.device_id, self._strategy_for(reg.device_id))
 
+    def _deploy_widths(self) -> dict[str, int]:
+        """Every registered device's deploy width, as planned (`deploy_bits`)."""
+        regs = self.registrations
+        return {d: deploy_bits(self.cfg, r, self.plans.get(d)) for d, r in regs.items()}
+
     def fleet(self) -> AllocationInput:
         t = self.cfg.training
         regs = dict(self.registrations)
@@ -135,7 +140,7 @@ class Assigner:
             local_epochs=t.local_epochs,
             batch_size=t.batch_size,
             model_bytes=self.model_bytes,
-            deploy_widths={d: deploy_bits(self.cfg, r, self.plans.get(d)) for d, r in regs.items()},
+            deploy_widths=self._deploy_widths(),
             ptq_loss=self.ptq_loss,
             measured_t_fp=self.speeds.snapshot(),
         )
@@ -224,7 +229,7 @@ class Assigner:
             # run or store (a profile's widths are 2..8 bits).
             widths = {*reg.board.storage_bits, *reg.board.deploy_bits}
             if a.mode == "fedhq" and a.deploy_aware:
-                widths = {b for b in self.fleet().deploy_widths.values() if b <= 8} or widths
+                widths = {b for b in self._deploy_widths().values() if b <= 8} or widths
             bit_set = tuple(a.bit_set) or tuple(sorted(widths))
         layers = None
         if strategy == "mpq":

@@ -33,13 +33,11 @@ from bitfleet.registration import Registration
 from bitfleet.runtime_facts import OPSET_INT2
 
 from .config import JobConfig
+from .evaluation import CALIB_SAMPLES
 from .global_model import GlobalModel, StateDict
 from .intake import Intake
 
 log = logging.getLogger(__name__)
-
-EXPORT_CALIB_SAMPLES = 256
-"""Training images that calibrate the exported models' activation ranges."""
 
 Bits = int | dict[str, int]
 
@@ -143,7 +141,7 @@ class CandidateSet:
 
 def calibration_pixels(train_x: Any) -> np.ndarray:
     """The exporter's activation calibration images, as [0, 1] floats."""
-    return train_x[:EXPORT_CALIB_SAMPLES].float().div(255).numpy()
+    return train_x[:CALIB_SAMPLES].float().div(255).numpy()
 
 
 def score_files(files: Sequence[CandidateFile], x: np.ndarray, y: np.ndarray) -> dict[Path, float]:
@@ -172,51 +170,28 @@ def exchange_timings(
     its timings. A device that does not answer (an old agent, a file its runtime refuses, a
     lost message) is left out of the answer: the choice then goes without its timings."""
     got: dict[str, dict[str, CandidateTiming]] = {d: {} for d in wanted}
-    intake.timing_phase = phase
-    try:
-        return _exchange(transport, topics, intake, job_id, phase, wanted, timeout_s, stop, got)
-    finally:
-        intake.timing_phase = None
-        while True:  # answers after the deadline are not the next exchange's
+    with intake.timing_exchange(phase):
+        for device, files in wanted.items():
+            for name, f in files.items():
+                meta = make_message("candidate", {"job_id": job_id, "name": name, "phase": phase})
+                transport.publish_many(
+                    topics.candidate(device), split_payload("candidate", meta, f.path.read_bytes())
+                )
+        missing = sum(len(files) for files in wanted.values())
+        deadline = time.monotonic() + timeout_s
+        while missing and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
             try:
-                intake.timings.get_nowait()
+                report = intake.timings.get(timeout=0.2)
             except queue.Empty:
-                break
-
-
-def _exchange(
-    transport: Any,
-    topics: Topics,
-    intake: Intake,
-    job_id: str,
-    phase: str,
-    wanted: Mapping[str, Mapping[str, CandidateFile]],
-    timeout_s: float,
-    stop: threading.Event | None,
-    got: dict[str, dict[str, CandidateTiming]],
-) -> dict[str, dict[str, CandidateTiming]]:
-    for device, files in wanted.items():
-        for name, f in files.items():
-            meta = make_message("candidate", {"job_id": job_id, "name": name, "phase": phase})
-            transport.publish_many(
-                topics.candidate(device), split_payload("candidate", meta, f.path.read_bytes())
-            )
-    missing = sum(len(files) for files in wanted.values())
-    deadline = time.monotonic() + timeout_s
-    while missing and time.monotonic() < deadline and not (stop is not None and stop.is_set()):
-        try:
-            report = intake.timings.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        names = wanted.get(report.device, {})
-        if report.phase != phase or report.timing.name not in names:
-            continue
-        if report.timing.name not in got[report.device]:
-            missing -= 1
-        got[report.device][report.timing.name] = report.timing
-    if missing:
-        silent = sorted(d for d, files in wanted.items() if len(got[d]) < len(files))
-        log.warning("%s timings: no answer within %.0f s from %s", phase, timeout_s, silent)
+                continue
+            if report.timing.name not in wanted.get(report.device, {}):
+                continue  # the intake took only this phase's; this one was not asked for
+            if report.timing.name not in got[report.device]:
+                missing -= 1
+            got[report.device][report.timing.name] = report.timing
+        if missing:
+            silent = sorted(d for d, files in wanted.items() if len(got[d]) < len(files))
+            log.warning("%s timings: no answer within %.0f s from %s", phase, timeout_s, silent)
     return got
 
 

@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from .server import RoundReport
 
 
-ACT_CALIB_SAMPLES = 256
-"""Training images that calibrate the activation ranges an evaluation deploys at."""
+CALIB_SAMPLES = 256
+"""Training images that calibrate activation ranges, wherever the coordinator deploys a model:
+its evaluations and its exported candidates see the same ranges."""
 
 
 def act_key(bits: int, act_bits: int) -> str:
@@ -72,7 +73,7 @@ class Evaluator:
         x, y = self.test_set()
         model = self.model.deployed(state, bits)
         if act_bits is not None:
-            calib = self.data().train_x[:ACT_CALIB_SAMPLES]
+            calib = self.data().train_x[:CALIB_SAMPLES]
             model = self.model.method.deploy(model, bits, act_bits=act_bits, calib=calib)
         return evaluate(model, x, y)
 
@@ -86,7 +87,7 @@ class Evaluator:
             report.acc_fp32 = evaluate(model, x, y)
             for bits in self.cfg.deploy.bits:
                 report.acc_deploy[str(bits)] = evaluate(self.model.method.deploy(model, bits), x, y)
-            calib = self.data().train_x[:ACT_CALIB_SAMPLES]
+            calib = self.data().train_x[:CALIB_SAMPLES]
             for bits in self.cfg.deploy.bits:
                 for act in self.cfg.deploy.act_bits:
                     deployed = self.model.method.deploy(model, bits, act_bits=act, calib=calib)

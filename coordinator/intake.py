@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,21 @@ class Intake:
         self.store.set_online(device, True)
         log.info("registered %s (%s samples)", device, registration.data.n_samples)
         self.on_register(registration)
+
+    @contextmanager
+    def timing_exchange(self, phase: str) -> Iterator[None]:
+        """Take `timing` messages of `phase` while the block runs; after it, drop the rest
+        (answers after the deadline are not the next exchange's)."""
+        self.timing_phase = phase
+        try:
+            yield
+        finally:
+            self.timing_phase = None
+            while True:
+                try:
+                    self.timings.get_nowait()
+                except queue.Empty:
+                    break
 
     def _timing(self, device: str, msg: dict) -> None:
         if msg["device_id"] != device:

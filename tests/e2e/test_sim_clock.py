@@ -12,32 +12,8 @@ import pytest
 
 from fleet.simulate import cost_model
 from fleet.simulate.experiment_run import run_experiment
+from tests.tiny_experiment import tiny_experiment
 from tests.tiny_fmnist import make_tiny_fmnist
-
-EXPERIMENT = """
-[simulate]
-name = "clock"
-eval_bits = [32, 2]
-devices = [{{ board = "rpi4", count = 1 }}, {{ board = "rpi5", count = 1 }}]
-[data]
-data_dir = "{data}"
-[training]
-rounds = 2
-local_epochs = 0.5
-batch_size = 32
-[rounds]
-quorum = 1.0
-deadline_s = 60.0
-register_timeout_s = 30.0
-[deploy]
-bits = [2]
-[allocation]
-bits = 2
-[methods.all_qat]
-allocation = {{ mode = "fixed", strategy = "qat" }}
-[methods.all_ptq]
-allocation = {{ mode = "fixed", strategy = "ptq" }}
-"""
 
 
 def _busy(stop_at: float) -> None:
@@ -57,7 +33,8 @@ def test_simulated_seconds_are_the_same_with_two_busy_loops_beside(
     monkeypatch.setenv("BITFLEET_CACHE_DIR", str(tmp_path / "cache"))
     data = make_tiny_fmnist(tmp_path / "fmnist", n_train=200, n_test=50)
     path = tmp_path / "clock.toml"
-    path.write_text(EXPERIMENT.format(data=data))
+    methods = {"all_qat": "qat", "all_ptq": "ptq"}
+    path.write_text(tiny_experiment(data, per_board=1, rounds=2, local_epochs=0.5, methods=methods))
     first = _sim_seconds(path, tmp_path / "first")  # calibrates this host, once
     cached = json.loads((tmp_path / "cache" / cost_model.CACHE_FILE).read_text())
     assert len(cached) == 1 and len(next(iter(cached.values()))) == 2  # fp and qat

@@ -14,35 +14,17 @@ from fleet.simulate.compute import ProcessCompute
 from fleet.simulate.experiment import load_experiment
 from fleet.simulate.run import _job_dict, run_method
 from fleet.simulate.virtual_fleet import build_fleet
+from tests.tiny_experiment import tiny_experiment
 from tests.tiny_fmnist import make_tiny_fmnist
-
-EXPERIMENT = """
-[simulate]
-name = "compute"
-eval_bits = [32, 2]
-devices = [{{ board = "rpi4", count = 2 }}, {{ board = "rpi5", count = 2 }}]
-[data]
-data_dir = "{data}"
-[training]
-rounds = 1
-local_epochs = 1.0
-batch_size = 32
-[rounds]
-quorum = 1.0
-deadline_s = 60.0
-register_timeout_s = 30.0
-[deploy]
-bits = [2]
-[allocation]
-bits = 2
-[methods.mqat]
-allocation = {{ mode = "fixed", strategy = "mqat" }}
-"""
 
 
 def test_worker_processes_and_the_main_thread_train_the_same_model(tmp_path: Path) -> None:
     path = tmp_path / "compute.toml"
-    path.write_text(EXPERIMENT.format(data=make_tiny_fmnist(tmp_path / "d", n_train=800)))
+    data_dir = make_tiny_fmnist(tmp_path / "d", n_train=800)
+    text = tiny_experiment(
+        data_dir, per_board=2, rounds=1, local_epochs=1.0, methods={"mqat": "mqat"}
+    )
+    path.write_text(text)
     exp = load_experiment(path)
     overlay = exp.methods["mqat"]
     cfg = job_config_from_dict(_job_dict(exp, overlay, "mqat", tmp_path, False), source="t")
