@@ -131,7 +131,7 @@ def export_model(
     if activations and (calib is None or len(calib) == 0):
         raise ValueError("8-bit activations need calibration samples (calib)")
     bits = {n: m.bits for n, m in quant_layers(model).items()}
-    plain, layers = prepare_for_export(model)
+    plain, layers = prepare_for_export(model, input_shape)
     base = float_graph(plain, input_shape)
     names = list(layers)
 

@@ -97,7 +97,7 @@ def _bench_model(
     notes: dict[str, list[str]] = {}
     fp = copy.deepcopy(model)
     LocalMethod().prepare(fp)
-    plain, _ = prepare_for_export(fp)
+    plain, _ = prepare_for_export(fp, shape)
     files["fp32"] = tmp / f"{name}-fp32.onnx"
     onnx.save(float_graph(plain, shape), files["fp32"])
     refs["fp32"] = fp

@@ -68,8 +68,12 @@ def activation_grids(model: nn.Module) -> dict[str, ActGrid]:
 
 
 @torch.no_grad()
-def prepare_for_export(model: nn.Module) -> tuple[nn.Module, dict[str, LayerQuant]]:
-    """A float copy to trace (BatchNorm folded, weights = Q(w)) and the per-layer integers."""
+def prepare_for_export(
+    model: nn.Module, input_shape: tuple[int, int, int]
+) -> tuple[nn.Module, dict[str, LayerQuant]]:
+    """A float copy to trace (BatchNorm folded, weights = Q(w)) and the per-layer integers.
+    `input_shape` (C, H, W) is what one probe pass through the copy needs to find the
+    Conv -> BatchNorm pairs."""
     model = model.eval()
     layers: dict[str, LayerQuant] = {}
     for name, layer in quant_layers(model).items():
@@ -85,35 +89,97 @@ def prepare_for_export(model: nn.Module) -> tuple[nn.Module, dict[str, LayerQuan
             in_channels=w.shape[1] * (layer.groups if isinstance(layer, nn.Conv2d) else 1),
             kernel_elems=int(w[0].numel()),
         )
-    plain = dequantized_copy(model)
-    _fold_batchnorm(plain, layers)
+    plain = dequantized_copy(model).eval()
+    _fold_batchnorm(plain, layers, input_shape)
     return plain, layers
 
 
-def _fold_batchnorm(plain: nn.Module, layers: dict[str, LayerQuant]) -> None:
+def _probe(plain: nn.Module, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    """Two inputs from a private generator: the caller's random stream stays untouched."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(2, *input_shape, generator=gen)
+
+
+def _conv_bn_pairs(plain: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv, batchnorm) names where the BatchNorm's input is the convolution's output and no
+    other module reads it, seen through per-instance forward hooks on one pass.
+
+    Hooks, not torch.fx: `symbolic_trace` patches `nn.Module.__call__` process-wide while it
+    traces, which breaks every other thread running a model at that moment (agents train in
+    threads beside exports in the tests and the simulator)."""
+    names = {id(m): n for n, m in plain.named_modules()}
+    kept: list[torch.Tensor] = []  # keeps outputs alive so their ids are not reused
+    produced: dict[int, str] = {}
+    readers: dict[int, list[str]] = {}
+    fed: list[tuple[int, str]] = []
+
+    def hook(mod: nn.Module, args: tuple, out: object) -> None:
+        name = names[id(mod)]
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                readers.setdefault(id(a), []).append(name)
+        if isinstance(mod, nn.BatchNorm2d) and args and isinstance(args[0], torch.Tensor):
+            fed.append((id(args[0]), name))
+        if isinstance(mod, nn.Conv2d) and isinstance(out, torch.Tensor):
+            kept.append(out)
+            produced[id(out)] = name
+
+    leaves = [m for m in plain.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
     try:
-        traced = torch.fx.symbolic_trace(plain)
-    except Exception as exc:  # an untraceable model keeps its BatchNorm; still correct, slower
-        log.warning("BatchNorm not folded (%s): model is not traceable by torch.fx", exc)
+        plain(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(produced[tid], bn) for tid, bn in fed if tid in produced and readers.get(tid) == [bn]]
+
+
+def _fold_batchnorm(
+    plain: nn.Module, layers: dict[str, LayerQuant], input_shape: tuple[int, int, int]
+) -> None:
+    """Fold each pair, then check the copy still computes what it did: a convolution whose
+    output a functional op also reads (invisible to hooks) is left unfolded."""
+    x = _probe(plain, input_shape)
+    try:
+        pairs = _conv_bn_pairs(plain, x)
+    except Exception as exc:  # a model that fails the probe keeps its BatchNorm; still correct
+        log.warning("BatchNorm not folded (%s): the probe pass failed", exc)
         return
-    modules = dict(plain.named_modules())
-    for node in traced.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+    before = plain(x)
+    for conv_name, bn_name in pairs:
+        conv = plain.get_submodule(conv_name)
+        saved = (conv.weight.detach().clone(), conv.bias)
+        bn = _fold_pair(plain, conv_name, bn_name)
+        if not _same(plain(x), before):
+            conv.weight.copy_(saved[0])
+            conv.bias = saved[1]
+            _set_submodule(plain, bn_name, bn)
+            log.warning("BatchNorm %s not folded: %s has another reader", bn_name, conv_name)
             continue
-        src = node.args[0]
-        if not (
-            isinstance(src, torch.fx.Node)
-            and src.op == "call_module"
-            and isinstance(modules.get(src.target), nn.Conv2d)
-            and len(src.users) == 1
-        ):
-            continue
-        conv, bn = modules[src.target], modules[node.target]
-        gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight.mul_(gain.reshape(-1, 1, 1, 1))
-        conv.bias = nn.Parameter((bias - bn.running_mean) * gain + bn.bias)
-        if src.target in layers:
-            layers[src.target].scale = layers[src.target].scale * gain
-        parent, _, child = node.target.rpartition(".")
-        setattr(plain.get_submodule(parent) if parent else plain, child, nn.Identity())
+        if conv_name in layers:
+            layers[conv_name].scale = layers[conv_name].scale * _gain(bn)
+
+
+def _gain(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+def _fold_pair(plain: nn.Module, conv_name: str, bn_name: str) -> nn.BatchNorm2d:
+    """Fold BatchNorm `bn_name` into convolution `conv_name` in place; returns the BatchNorm."""
+    conv, bn = plain.get_submodule(conv_name), plain.get_submodule(bn_name)
+    gain = _gain(bn)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight.mul_(gain.reshape(-1, 1, 1, 1))
+    conv.bias = nn.Parameter((bias - bn.running_mean) * gain + bn.bias)
+    _set_submodule(plain, bn_name, nn.Identity())
+    return bn
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to float rounding: a fold reorders a few multiplications, nothing more."""
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (float(b.abs().max()) + 1e-6)))
