@@ -151,8 +151,11 @@ class CandidateScore:
     name: str
     bytes: int
     accuracy: float
+    """On the coordinator's validation split: what the choice reads."""
     latency_ms: float | None = None
     memory_bytes: int | None = None
+    test_accuracy: float | None = None
+    """On the test split: reported beside the choice, never read by it."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -27,13 +27,14 @@ import numpy as np
 
 from bitfleet import plugins
 from bitfleet.assignment import Assignment
+from bitfleet.data import ImageData
 from bitfleet.deploy import CANDIDATE_KINDS, CandidateTiming, candidate_kinds, planned_width
 from bitfleet.protocol import Topics, make_message, split_payload
 from bitfleet.registration import Registration
 from bitfleet.runtime_facts import OPSET_INT2
 
 from .config import JobConfig
-from .evaluation import CALIB_SAMPLES
+from .evaluation import calibration_images
 from .global_model import GlobalModel, StateDict
 from .intake import Intake
 
@@ -139,9 +140,10 @@ class CandidateSet:
         return files, failed
 
 
-def calibration_pixels(train_x: Any) -> np.ndarray:
-    """The exporter's activation calibration images, as [0, 1] floats."""
-    return train_x[:CALIB_SAMPLES].float().div(255).numpy()
+def calibration_pixels(data: ImageData) -> np.ndarray:
+    """The exporter's activation calibration images (`calibration_images`), as [0, 1]
+    floats."""
+    return calibration_images(data).float().div(255).numpy()
 
 
 def score_files(files: Sequence[CandidateFile], x: np.ndarray, y: np.ndarray) -> dict[Path, float]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from bitfleet.data import DATASET_SPECS, PARTITION_SCHEMES
+from bitfleet.data import DATASET_SPECS, DEFAULT_VALIDATION_FRACTION, PARTITION_SCHEMES
 from bitfleet.models import MODELS
 from bitfleet.quant import FLOAT_BITS, METHODS, STEP_MODES, SUPPORTED_BITS
 from bitfleet.training import OPTIMIZERS
@@ -166,6 +166,14 @@ class DataSection:
     partition: str = _key("dirichlet", "str", _one_of(PARTITION_SCHEMES))
     alpha: float = _key(0.5, "float", _gt(0))
     test_samples: int | None = _key(None, "int?", _ge(1), doc="first N test samples; all if unset")
+    validation_fraction: float = _key(
+        DEFAULT_VALIDATION_FRACTION,
+        "float",
+        _gt(0),
+        _le(0.5),
+        doc="training images the coordinator holds back for its decisions; no device trains "
+        "on them, and the test split only reports (docs/round.md#validation)",
+    )
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bitfleet.assignment import Assignment
 from bitfleet.data import ImageData
 from bitfleet.deploy import CANDIDATE_KINDS, CandidateScore, DeployChoice, choose
@@ -28,6 +26,7 @@ from bitfleet.registration import Registration
 
 from .candidates import CandidateFile, CandidateSet, calibration_pixels, score_files
 from .config import JobConfig
+from .evaluation import HeldOut
 from .global_model import GlobalModel
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,7 @@ def export_and_deliver(
     assignments: Mapping[str, Assignment],
     registrations: Mapping[str, Registration],
     data: ImageData,
-    held_out: tuple[np.ndarray, np.ndarray],
+    held_out: HeldOut,
     out_dir: Path,
     source_round: int | None,
     timings: Timings,
@@ -65,16 +64,17 @@ def export_and_deliver(
 ) -> Delivery:
     """Choose and send every assigned device's model; files go into `out_dir`.
 
-    `held_out` is the coordinator's evaluation set ([0, 1] pixels, labels) the candidates are
-    scored on; `timings(files by device)` has the devices time their candidates and returns
-    what they answered. One device's failure, whatever it is, costs that device a second
-    attempt and then its model, never another device's: the reason is kept in the result.
+    `held_out` holds the coordinator's validation split, on which the candidates are scored
+    and chosen, and its test split, whose scores only report (docs/round.md#validation).
+    `timings(files by device)` has the devices time their candidates and returns what they
+    answered. One device's failure, whatever it is, costs that device a second attempt and
+    then its model, never another device's: the reason is kept in the result.
     """
     candidates = CandidateSet(
         cfg,
         model,
         model.state,
-        calibration_pixels(data.train_x),
+        calibration_pixels(data),
         out_dir,
         {
             "source_round": source_round,
@@ -91,7 +91,9 @@ def export_and_deliver(
             files[device] = got
         else:
             delivery.failed[device] = "no candidate exported: " + "; ".join(failed.values())
-    accuracy = score_files([f for fs in files.values() for f in fs.values()], *held_out)
+    every_file = [f for fs in files.values() for f in fs.values()]
+    accuracy = score_files(every_file, *held_out.validation)
+    test_accuracy = score_files(every_file, *held_out.test)
     timed = timings(files)
     for device, fs in files.items():
         answered = timed.get(device, {})
@@ -105,6 +107,7 @@ def export_and_deliver(
                     accuracy[f.path],
                     None if t is None else t.latency_ms,
                     None if t is None else t.memory_bytes,
+                    test_accuracy[f.path],
                 )
             )
         choice = choose(scores, registrations[device].limits)

@@ -14,8 +14,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from bitfleet.assignment import Assignment
 from bitfleet.data import ImageData
 from bitfleet.protocol import Topics
@@ -31,6 +29,7 @@ from .candidates import (
 )
 from .config import JobConfig
 from .delivery import Delivery, export_and_deliver
+from .evaluation import HeldOut
 from .global_model import GlobalModel
 from .intake import Intake
 
@@ -49,7 +48,7 @@ class DeployStage:
         state_dir: Path,
         transport: Callable[[], Any],
         data: Callable[[], ImageData],
-        held_out: Callable[[], tuple[np.ndarray, np.ndarray]],
+        held_out: Callable[[], HeldOut],
         online: Callable[[], set[str]],
         stop: threading.Event,
     ) -> None:
@@ -99,7 +98,7 @@ class DeployStage:
                     self.cfg,
                     self.model,
                     self.model.state,
-                    calibration_pixels(self.data().train_x),
+                    calibration_pixels(self.data()),
                     self.state_dir / "plan-candidates",
                     {"job_id": self.job_id, "purpose": "sizing and timing before training"},
                 )

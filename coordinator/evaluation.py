@@ -1,18 +1,24 @@
-"""Evaluation of the global model on the coordinator's held-out set, beside the next round.
+"""Evaluation of the global model on the coordinator's held-out sets, beside the next round.
 
 Each round's model is scored in float and at every `[deploy] bits` width on a thread of its
 own, off the critical path: the next round is dispatched while the last is evaluated, and the
 scores go to the round's report and the store when they are ready (docs/round.md#evaluation).
 With `[deploy] act_bits`, every weight width is also scored with each activation width, its
-ranges calibrated on the first training images (keys `W<w>A<a>`, `act_key`).
+ranges calibrated on the coordinator's first validation images (keys `W<w>A<a>`, `act_key`).
+
+Two held-out sets, two uses (docs/round.md#validation): the validation split carved from
+the training images decides (the deploy loss FedHQ reads, the fine stage's trials, each
+board's deploy choice); the test split only reports.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from bitfleet.data import ImageData
@@ -28,8 +34,28 @@ if TYPE_CHECKING:
 
 
 CALIB_SAMPLES = 256
-"""Training images that calibrate activation ranges, wherever the coordinator deploys a model:
-its evaluations and its exported candidates see the same ranges."""
+"""Validation images that calibrate activation ranges, wherever the coordinator deploys a
+model: its evaluations and its exported candidates see the same ranges."""
+
+SPLITS = ("validation", "test")
+
+
+def calibration_images(data: ImageData) -> torch.Tensor:
+    """The images activation ranges are calibrated on: the coordinator's own (validation), not
+    the devices' training data, which a real coordinator never holds."""
+    if data.val_x is None:
+        raise ValueError("the data have no validation split (carve_validation)")
+    return data.val_x[:CALIB_SAMPLES]
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out sets as ([0, 1] float pixels, labels) arrays, for onnxruntime."""
+
+    validation: tuple[np.ndarray, np.ndarray]
+    """What the deploy choice reads."""
+    test: tuple[np.ndarray, np.ndarray]
+    """What reports show beside it."""
 
 
 def act_key(bits: int, act_bits: int) -> str:
@@ -44,7 +70,7 @@ def width_label(key: str) -> str:
 
 
 class Evaluator:
-    """Scores states of `model` on the test split of `data()` (loaded on first use)."""
+    """Scores states of `model` on the held-out splits of `data()` (loaded on first use)."""
 
     def __init__(
         self,
@@ -61,37 +87,65 @@ class Evaluator:
         self.on_round = on_round
         self._thread: threading.Thread | None = None
 
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.cfg.data.test_samples
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels of the "validation" or the "test" split (its first
+        `[data] test_samples` when set)."""
         data = self.data()
-        x, y = data.test_x, data.test_y
-        return (x[:n], y[:n]) if n else (x, y)
+        if name == "validation":
+            if data.val_x is None or data.val_y is None:
+                raise ValueError("the data have no validation split (carve_validation)")
+            return data.val_x, data.val_y
+        if name != "test":
+            raise ValueError(f"unknown split {name!r}; known: {', '.join(SPLITS)}")
+        n = self.cfg.data.test_samples
+        return (data.test_x[:n], data.test_y[:n]) if n else (data.test_x, data.test_y)
 
-    def accuracy(self, state: StateDict, bits: BitMap, act_bits: int | None = None) -> float:
-        """Test accuracy of `state` deployed at `bits` (one width, or per layer), with
-        `act_bits` activations calibrated on the first training images (None: float)."""
-        x, y = self.test_set()
+    def held_out(self) -> HeldOut:
+        """Both splits as the float arrays onnxruntime scores files on."""
+
+        def arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
+            x, y = self.split(name)
+            return x.float().div(255).numpy(), y.numpy()
+
+        return HeldOut(arrays("validation"), arrays("test"))
+
+    def accuracy(
+        self,
+        state: StateDict,
+        bits: BitMap,
+        act_bits: int | None = None,
+        split: str = "validation",
+    ) -> float:
+        """Accuracy of `state` deployed at `bits` (one width, or per layer) on `split`, with
+        `act_bits` activations (None: float). Validation by default: what decides."""
+        x, y = self.split(split)
         model = self.model.deployed(state, bits)
         if act_bits is not None:
-            calib = self.data().train_x[:CALIB_SAMPLES]
+            calib = calibration_images(self.data())
             model = self.model.method.deploy(model, bits, act_bits=act_bits, calib=calib)
         return evaluate(model, x, y)
 
     def start(self, report: RoundReport, state: StateDict) -> None:
-        """Score a round's model in the background; fills `report` and the store."""
+        """Score a round's model in the background; fills `report` and the store. The test
+        scores report; `val_deploy` (float and the weight-only widths) is what decides."""
         self.join()
 
         def work() -> None:
-            model = self.model.deployed(state, 32)
-            x, y = self.test_set()
+            model = self.model.deployed(state, 32)  # `deploy` re-widths it in place below
+            vx, vy = self.split("validation")
+            x, y = self.split("test")
+            val = {"32": evaluate(model, vx, vy)}
             report.acc_fp32 = evaluate(model, x, y)
             for bits in self.cfg.deploy.bits:
-                report.acc_deploy[str(bits)] = evaluate(self.model.method.deploy(model, bits), x, y)
-            calib = self.data().train_x[:CALIB_SAMPLES]
+                deployed = self.model.method.deploy(model, bits)
+                val[str(bits)] = evaluate(deployed, vx, vy)
+                report.acc_deploy[str(bits)] = evaluate(deployed, x, y)
+            calib = calibration_images(self.data())
             for bits in self.cfg.deploy.bits:
                 for act in self.cfg.deploy.act_bits:
                     deployed = self.model.method.deploy(model, bits, act_bits=act, calib=calib)
                     report.acc_deploy[act_key(bits, act)] = evaluate(deployed, x, y)
+            report.val_deploy = val
             self.store.set_round_accuracy(report.round, report.acc_fp32, report.acc_deploy)
             if self.on_round is not None:
                 self.on_round(report)

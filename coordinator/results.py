@@ -36,6 +36,9 @@ class RoundReport:
     sim_seconds: float
     acc_fp32: float | None = None
     acc_deploy: dict[str, float] = field(default_factory=dict)
+    """Test accuracy per deployed width ("2", "W2A2"): what reports show."""
+    val_deploy: dict[str, float] = field(default_factory=dict)
+    """Validation accuracy in float ("32") and per weight-only width: what decides."""
     dropped: dict[str, int] = field(default_factory=dict)
     """Messages and updates dropped since the job started, per reason."""
 

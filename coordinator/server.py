@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bitfleet.assignment import Assignment
-from bitfleet.data import DATASET_SPECS, ImageData, load_dataset
+from bitfleet.data import DATASET_SPECS, ImageData, carve_validation, load_dataset
 from bitfleet.deploy import DeployChoice
 from bitfleet.protocol import BrokerAddress, MqttTransport, Topics, encode_message, parse_broker_url
 from bitfleet.quant.modules import BitMap
@@ -115,7 +115,7 @@ class Coordinator:
             state_dir=self.state_dir,
             transport=lambda: self.transport,
             data=lambda: self.data,
-            held_out=self._held_out,
+            held_out=lambda: self.evaluator.held_out(),
             online=lambda: {d.id for d in self.store.devices(online_only=True)},
             stop=self._stop,
         )
@@ -153,8 +153,10 @@ class Coordinator:
 
     @property
     def data(self) -> ImageData:
+        """The job's data set, its validation split carved (bitfleet/data/validation.py)."""
         if self._data is None:
             self._data = load_dataset(self.cfg.data.dataset, data_dir=self.cfg.data.data_dir)
+        self._data = carve_validation(self._data, self.cfg.data.validation_fraction)
         return self._data
 
     @property
@@ -166,14 +168,12 @@ class Coordinator:
         """Updates received but not folded yet (what the fold still owes in memory)."""
         return self.intake.updates.qsize()
 
-    def _held_out(self) -> tuple[Any, Any]:
-        x, y = self.evaluator.test_set()
-        return x.float().div(255).numpy(), y.numpy()
-
-    def evaluate_state(self, state: StateDict, bits: BitMap, act_bits: int | None = None) -> float:
-        """Test accuracy of `state` deployed at `bits` (one width, or per layer), with
-        `act_bits` activations (None: float)."""
-        return self.evaluator.accuracy(state, bits, act_bits)
+    def evaluate_state(
+        self, state: StateDict, bits: BitMap, act_bits: int | None = None, split: str = "test"
+    ) -> float:
+        """Accuracy of `state` deployed at `bits` (one width, or per layer), with `act_bits`
+        activations (None: float), on the test split (what reports show) or "validation"."""
+        return self.evaluator.accuracy(state, bits, act_bits, split=split)
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -368,15 +368,11 @@ class Coordinator:
 
     def _ptq_loss(self) -> dict[int, float] | None:
         """Accuracy lost under PTQ per width by the last evaluated round's model."""
-        done = [r for r in self.reports if r.acc_fp32 is not None and r.acc_deploy]
+        done = [r for r in self.reports if "32" in r.val_deploy]
         if not done:
             return None
-        last = done[-1]
-        return {  # weight-only widths; "W2A2" keys add activations
-            int(b): last.acc_fp32 - a  # type: ignore[operator]
-            for b, a in last.acc_deploy.items()
-            if b.isdigit()
-        }
+        last = done[-1].val_deploy
+        return {int(b): last["32"] - a for b, a in last.items() if b != "32"}
 
     def _export(self) -> None:
         last = self.reports[-1] if self.reports else None

@@ -26,7 +26,14 @@ import torch
 
 from bitfleet.assignment import Assignment
 from bitfleet.board_time import steps_per_round
-from bitfleet.data import DATASET_SPECS, ImageData, load_dataset, partition
+from bitfleet.data import (
+    DATASET_SPECS,
+    DEFAULT_VALIDATION_FRACTION,
+    ImageData,
+    carve_validation,
+    load_dataset,
+    partition,
+)
 from bitfleet.deploy import DeployLimits
 from bitfleet.profiles import (
     detect_board,
@@ -86,6 +93,9 @@ class AgentOptions:
     partition: str = "dirichlet"
     alpha: float = 0.5
     partition_seed: int = 0
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION
+    """For NAME:I/N: the share of the named set's training images the coordinator holds back
+    (its `[data] validation_fraction`); the I/N parts split the rest."""
     profile: str = "auto"
     out_dir: str = "bitfleet-models"
     state_dir: str | None = None
@@ -118,8 +128,9 @@ def load_local_data(opts: AgentOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """This device's training data: a folder of its own, or one part of a named data set.
 
     `--data DIR` reads the job's data set format from DIR (the board's own samples);
-    `--data NAME:I/N` takes part I of N of a named data set, split by `--partition`, for
-    virtual devices in demos and simulations.
+    `--data NAME:I/N` takes part I of N of a named data set's training images, less the
+    coordinator's validation split, split by `--partition`, for virtual devices in demos and
+    simulations.
     """
     named = NAMED_PART.fullmatch(opts.data)
     if named is None:
@@ -132,7 +143,7 @@ def load_local_data(opts: AgentOptions) -> tuple[torch.Tensor, torch.Tensor]:
         )
     if not 0 <= index < count:
         raise ValueError(f"--data {opts.data}: partition index must be in 0..{count - 1}")
-    data: ImageData = load_dataset(name)
+    data: ImageData = carve_validation(load_dataset(name), opts.validation_fraction)
     parts = partition(
         data.train_y.numpy(), count, opts.partition, seed=opts.partition_seed, alpha=opts.alpha
     )

@@ -38,6 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet"])
     run.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha for NAME:I/N")
     run.add_argument("--partition-seed", type=int, default=0)
+    run.add_argument(
+        "--validation-fraction",
+        type=float,
+        metavar="F",
+        help="for NAME:I/N: the share of the training images the coordinator holds back for "
+        "validation, its [data] validation_fraction (default 0.1, the job's default); the "
+        "parts split the rest",
+    )
     run.add_argument("--fleet", default="default", help="fleet name (topic prefix)")
     run.add_argument("--out-dir", default="bitfleet-models", help="where the final model goes")
     run.add_argument("--state-dir", help="where the device id is kept")
@@ -110,6 +118,9 @@ def run_agent(args: argparse.Namespace) -> int:
             partition=args.partition,
             alpha=args.alpha,
             partition_seed=args.partition_seed,
+            validation_fraction=AgentOptions.validation_fraction
+            if args.validation_fraction is None
+            else args.validation_fraction,
             profile=args.profile,
             out_dir=args.out_dir,
             state_dir=args.state_dir,

@@ -47,8 +47,9 @@ def _job(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _coordinator_role(spec: dict[str, Any], stdout: TextIO) -> None:
     """The real coordinator; its models are synthetic, so no data set is loaded (eight blank
-    test images keep its per-round evaluation trivial; the blank training split is as large as
-    the count each agent registers, which the data set must hold) and nothing is exported."""
+    test and validation images keep its per-round evaluation trivial; the blank training split
+    is as large as the count each agent registers, which the data set must hold) and nothing
+    is exported."""
     import torch
 
     from bitfleet.data import DATASET_SPECS, ImageData
@@ -59,8 +60,11 @@ def _coordinator_role(spec: dict[str, Any], stdout: TextIO) -> None:
     labels = torch.zeros(8, dtype=torch.int64)
     train = torch.zeros(SAMPLES_PER_AGENT, 1, 28, 28, dtype=torch.uint8)
     train_labels = torch.zeros(SAMPLES_PER_AGENT, dtype=torch.int64)
-    data = ImageData(train, train_labels, blank, labels, DATASET_SPECS["fashion-mnist"])
     cfg = job_config_from_dict(_job(spec), source="bench fleet")
+    data = ImageData(  # the validation split given, so the whole training split stays
+        train, train_labels, blank, labels, DATASET_SPECS["fashion-mnist"],
+        val_x=blank, val_y=labels, validation_fraction=cfg.data.validation_fraction,
+    )  # fmt: skip
     coordinator = Coordinator(cfg, spec["url"], data=data, export=False)
 
     def announce_ready() -> None:  # once subscribed, so that no registration is missed

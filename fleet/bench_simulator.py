@@ -57,6 +57,41 @@ def model_difference(a: dict[str, Any], b: dict[str, Any]) -> float:
     return worst
 
 
+def step_ceiling(model_name: str, batch_size: int, workers: int) -> dict[str, Any]:
+    """The most any runner that shares this host's cores can gain over the sequential one,
+    measured: the sequential runner takes one float step on torch's threads; `workers`
+    single-threaded processes take `workers` steps in the time one takes on one thread. Their
+    ratio bounds the speed-up for a compute-bound step (LeNet-5's per-sample cost is flat from
+    batch 64 to 640 here, so stacking boards into one batch gains nothing either)."""
+    import torch
+
+    from bitfleet.profiles import time_train_steps
+    from bitfleet.quant import make_method
+
+    threads = torch.get_num_threads()
+
+    def step(n: int) -> float:
+        torch.set_num_threads(n)
+        try:
+            return min(
+                time_train_steps(
+                    model_name, {"fp": make_method("fp")}, batch_size=batch_size, steps=40
+                )["fp"]
+                for _ in range(3)
+            )
+        finally:
+            torch.set_num_threads(threads)
+
+    shared, one = step(threads), step(1)
+    return {
+        "step_ms_torch_threads": shared * 1e3,
+        "torch_threads": threads,
+        "step_ms_one_thread": one * 1e3,
+        "workers": workers,
+        "ceiling": shared / (one / workers),
+    }
+
+
 def run_simulator_bench(
     config: str | Path, method: str | None, rounds: int, out: Path
 ) -> dict[str, Any]:
@@ -78,8 +113,10 @@ def run_simulator_bench(
     fleet = build_fleet(exp, data, cfg, True)
     runs: dict[str, Any] = {}
     states = {}
+    workers = 1
     for runner in ("sequential", "processes"):
         compute = ProcessCompute() if runner == "processes" else None
+        workers = compute.workers if compute is not None else workers
         print(f"bench simulator: {name}, {rounds} rounds, {runner}", file=sys.stderr, flush=True)
         try:
             entry, coordinator = run_method(
@@ -100,12 +137,14 @@ def run_simulator_bench(
         states[runner] = job.global_state
     ratio = runs["sequential"]["mean_round_s"] / runs["processes"]["mean_round_s"]
     diff = model_difference(states["sequential"], states["processes"])
+    ceiling = step_ceiling(cfg.model.name, cfg.training.batch_size, workers)
     return {
         "method": name,
         "rounds": rounds,
         "devices": len(exp.devices),
         "runs": runs,
         "speedup": ratio,
+        "ceiling": ceiling,
         "model_difference": diff,
         "met": {"speedup_at_least_2x": ratio >= 2.0},
     }
@@ -124,6 +163,12 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"| {runner} | {v['mean_round_s']:.2f} | {v['final_acc']} | {v['sim_seconds']} |")
     print(f"speed-up {r['speedup']:.2f}x; largest relative model difference "
           f"{r['model_difference']:.2e}")  # fmt: skip
+    c = r["ceiling"]
+    print(
+        f"ceiling on this host {c['ceiling']:.2f}x: one float step "
+        f"{c['step_ms_torch_threads']:.2f} ms on {c['torch_threads']} torch threads, "
+        f"{c['step_ms_one_thread']:.2f} ms on one, {c['workers']} workers"
+    )
     for line, ok in r["met"].items():
         print(f"{'met' if ok else 'NOT met'}: {line}")
     if args.json:

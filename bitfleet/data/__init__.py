@@ -18,14 +18,17 @@ from bitfleet.data.partition import (
 )
 from bitfleet.data.sources import DATA_DIR_ENV, DatasetNotFoundError
 from bitfleet.data.specs import DATASET_SPECS, DatasetSpec, get_spec
+from bitfleet.data.validation import DEFAULT_VALIDATION_FRACTION, carve_validation
 
 __all__ = [
     "DATASET_SPECS",
     "DATA_DIR_ENV",
+    "DEFAULT_VALIDATION_FRACTION",
     "PARTITION_SCHEMES",
     "DatasetNotFoundError",
     "DatasetSpec",
     "ImageData",
+    "carve_validation",
     "dirichlet_partition",
     "find_fashion_mnist",
     "get_spec",

@@ -13,7 +13,9 @@ __all__ = ["ImageData", "to_float"]
 
 @dataclass
 class ImageData:
-    """Train and test splits as tensors: images uint8 NCHW, labels int64.
+    """Train and test splits as tensors: images uint8 NCHW, labels int64; after
+    `carve_validation` (bitfleet/data/validation.py) also the validation split carved from the
+    training images, at `validation_fraction` of them.
 
     Images stay uint8 because a board with 1-4 GiB of memory holds them four times more cheaply
     than float32; convert a batch at a time with `to_float`.
@@ -24,14 +26,19 @@ class ImageData:
     test_x: torch.Tensor
     test_y: torch.Tensor
     spec: DatasetSpec
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+    validation_fraction: float | None = None
 
     def __post_init__(self) -> None:
         # Checked once here so that a bad loader fails at load time, not in the middle of a round.
         expected = (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
-        for split, x, y in (
-            ("train", self.train_x, self.train_y),
-            ("test", self.test_x, self.test_y),
-        ):
+        splits = [("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)]
+        if (self.val_x is None) != (self.val_y is None):
+            raise ValueError(f"{self.spec.name}: validation images and labels come together")
+        if self.val_x is not None:
+            splits.append(("validation", self.val_x, self.val_y))
+        for split, x, y in splits:
             if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != expected:
                 raise ValueError(
                     f"{self.spec.name} {split} images: expected uint8 N x "

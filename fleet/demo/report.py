@@ -160,8 +160,9 @@ def _device_sections(job: JobResult, devices: list[dict], limits_why: dict[str, 
             lines += ["No candidates: " + (d["export_failure"] or "not exported"), ""]
             continue
         lines += [
-            "| candidate | bytes | accuracy (ORT) | latency ms (board) | |",
-            "|---|---|---|---|---|",
+            "| candidate | bytes | validation acc (ORT, decides) | test acc (ORT) "
+            "| latency ms (board) | |",
+            "|---|---|---|---|---|---|",
         ]
         for c in deploy["candidates"]:
             lat = "-" if c["latency_ms"] is None else f"{c['latency_ms']:.3f}"
@@ -170,7 +171,10 @@ def _device_sections(job: JobResult, devices: list[dict], limits_why: dict[str, 
                 if c["name"] == deploy["chosen"]
                 else deploy["excluded"].get(c["name"], "")
             )
-            lines.append(f"| {c['name']} | {c['bytes']} | {c['accuracy']:.4f} | {lat} | {mark} |")
+            test = "-" if c.get("test_accuracy") is None else f"{c['test_accuracy']:.4f}"
+            lines.append(
+                f"| {c['name']} | {c['bytes']} | {c['accuracy']:.4f} | {test} | {lat} | {mark} |"
+            )
         lines += ["", f"Why: {deploy['reason']}.", ""]
     return lines
 

@@ -44,8 +44,11 @@ def _method_results(
     host_s: float,
 ) -> dict[str, Any]:
     """The method's entry in results.json, from the finished `job` and the coordinator's
-    `evaluate(state, bits, act_bits)` (its held-out test accuracy of a state deployed at bits,
-    with act_bits activations or float ones).
+    `evaluate(state, bits, act_bits, split=...)` (its held-out accuracy of a state deployed at
+    bits, with act_bits activations or float ones, on the test split unless told otherwise).
+    `final_val_acc` is the deployed accuracy on the validation split: what a choice between
+    variants (an ablation's setting, a learning rate) reads, never `final_acc`
+    (docs/round.md#validation).
 
     With `[deploy] act_bits` the method deploys at its narrowest weight and activation widths
     (`W<w>A<a>`, the key the evaluator reports rounds under), and `acc_by_widths` holds the grid
@@ -73,6 +76,7 @@ def _method_results(
     allocation = job.allocation
     result: dict[str, Any] = {
         "final_acc": acc_by_bits.get(key) if act is None else acc_by_widths.get(key),
+        "final_val_acc": round(evaluate(state, deploy, act, split="validation"), 4),
         "final_acc_fp32": acc_by_bits.get("32"),
         "deploy_bits": deploy,
         **({} if act is None else {"deploy_act_bits": act, "acc_by_widths": acc_by_widths}),
@@ -93,15 +97,17 @@ def _method_results(
         result["fine"] = job.fine
     if cfg.allocation.bits_from == "profile" or any(d.budget_bits for d in exp.devices):
         # Devices deploy different bits: score each device's own deployed model.
-        budgets, accs = {}, {}
+        budgets, accs, val_accs = {}, {}, {}
         for dev in sorted(job.assignments):
             assignment = job.assignments[dev]
             budgets[dev] = assignment.bits
             accs[dev] = round(evaluate(state, assignment.final_bits()), 4)
+            val_accs[dev] = round(evaluate(state, assignment.final_bits(), split="validation"), 4)
         result["device_budget"] = budgets
         result["device_acc"] = accs
         if cfg.allocation.bits_from == "profile":
             result["final_acc"] = round(float(np.mean(list(accs.values()))), 4)
+            result["final_val_acc"] = round(float(np.mean(list(val_accs.values()))), 4)
             result["deploy_bits"] = "per-device budget"
         layer_bits = {d: a.per_layer_bits for d, a in job.assignments.items() if a.per_layer_bits}
         if layer_bits:
@@ -236,8 +242,14 @@ def _save_results(out: Path, results: dict[str, Any]) -> dict[str, Any]:
 
 # --- several seeds --------------------------------------------------------------------------------
 
-_MEANS = {"final_acc": 4, "final_acc_fp32": 4, "sim_seconds": 2, "host_seconds": 2}
-_PER_SEED = ("final_acc", "final_acc_fp32", "sim_seconds", "assignment")
+_MEANS = {
+    "final_acc": 4,
+    "final_val_acc": 4,
+    "final_acc_fp32": 4,
+    "sim_seconds": 2,
+    "host_seconds": 2,
+}
+_PER_SEED = ("final_acc", "final_val_acc", "final_acc_fp32", "sim_seconds", "assignment")
 
 #: Statistics over seeds (fleet/simulate/stats.py, docs/simulation.md#statistics).
 LEVEL = 0.95

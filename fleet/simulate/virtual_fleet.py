@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from bitfleet.data import DATASET_SPECS, ImageData, partition
+from bitfleet.data import DATASET_SPECS, ImageData, carve_validation, partition
 from bitfleet.profiles import load_profile, measure_machine, profile_summary
 from bitfleet.registration import DataSummary, Registration
 from coordinator.allocation import QUANT_IN_FORWARD
@@ -70,9 +70,11 @@ def build_fleet(
     host_steps: dict[str, float] | None = None,
     recalibrate: bool = False,
 ) -> VirtualFleet:
-    """Split the training set over the devices (Dirichlet or IID, seeded) and give each its
-    board's profile with step times scaled from this host's (`host_steps`, else the cached
-    cost model's: `fleet.simulate.cost_model`, calibrated once per host)."""
+    """Split the training set, less the coordinator's validation split, over the devices
+    (Dirichlet or IID, seeded) and give each its board's profile with step times scaled from
+    this host's (`host_steps`, else the cached cost model's: `fleet.simulate.cost_model`,
+    calibrated once per host)."""
+    data = carve_validation(data, job.data.validation_fraction)
     x, y = data.train_x, data.train_y
     fraction = float(exp.quick.get("train_fraction", 1.0)) if quick else 1.0
     if fraction < 1.0:

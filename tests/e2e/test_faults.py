@@ -450,9 +450,7 @@ def test_coordinator_killed_and_restarted_matches_an_uninterrupted_run(
     assert_consistent(tmp_path / "ref", received=[3, 3, 3])
     with StateStore(tmp_path / "kill" / "state.sqlite") as store:
         kept = {d: (a.strategy, a.bits, a.per_layer_bits) for d, a in store.assignments().items()}
-    want = {
-        d: (a.strategy, a.bits, a.per_layer_bits) for d, a in ref_result.assignments.items()
-    }
+    want = {d: (a.strategy, a.bits, a.per_layer_bits) for d, a in ref_result.assignments.items()}
     assert kept == want
     if allocation == "mpq":  # FedMPQ's per-layer bits are part of what survives
         assert all(layers for _, _, layers in kept.values())

@@ -13,6 +13,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from bitfleet.data import DEFAULT_VALIDATION_FRACTION
+from bitfleet.data.validation import validation_indices
 from bitfleet.protocol import MqttTransport, Topics, parse_broker_url, split_payload
 from coordinator.config import job_config_from_dict
 from coordinator.server import Coordinator, RoundReport
@@ -44,6 +46,10 @@ def job(tmp_path: Path, **rounds: object) -> dict:
         "allocation": {"strategy": "qat", "bits": 4},
         "deploy": {"bits": [8, 4]},
     }
+
+
+PART_SAMPLES = len(validation_indices(900, DEFAULT_VALIDATION_FRACTION)[0]) // 3
+"""Each agent's share of the 900 tiny training images, less the coordinator's validation split."""
 
 
 def start_agent(url: str, i: int, tmp_path: Path) -> subprocess.Popen:
@@ -102,7 +108,7 @@ def test_two_round_federation_with_three_agents(mosquitto, tiny_data, tmp_path: 
     # registration and assignment
     devices = {d.id: d for d in coordinator.store.devices()}
     assert set(devices) == {"a0", "a1", "a2"}
-    assert all(devices[d].data["n_samples"] == 300 for d in devices)
+    assert all(devices[d].data["n_samples"] == PART_SAMPLES for d in devices)
     assert {d: coordinator.store.assignment(d).strategy for d in devices} == dict.fromkeys(
         devices, "qat"
     )

@@ -21,11 +21,10 @@ from bitfleet.protocol import (
     split_payload,
     unpack_state,
 )
-from tests.e2e.test_fleet import FLEET, job, run_coordinator, start_agent, stop_all
+from tests.e2e.test_fleet import FLEET, PART_SAMPLES, job, run_coordinator, start_agent, stop_all
 from tests.tiny_fmnist import make_tiny_fmnist
 
 State = dict[str, torch.Tensor]
-
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def _forged(job_id: str, glob: State) -> list[tuple[str, bytes]]:
     """(reason, update payload) for a1 in round 1, one per rule, then two valid copies."""
 
     def update(state: State | bytes, rnd: int = 1, job: str = job_id) -> bytes:
-        meta = {"round": rnd, "job_id": job, "n_samples": 300, "train_loss": 1.0}
+        meta = {"round": rnd, "job_id": job, "n_samples": PART_SAMPLES, "train_loss": 1.0}
         blob = state if isinstance(state, bytes) else pack_state(state)
         [chunk] = split_payload(
             "update", make_message("update", {**meta, "train_seconds": 1.0}), blob

@@ -14,7 +14,7 @@ import torch
 
 from bitfleet import plugins
 from bitfleet.assignment import Assignment
-from bitfleet.data import ImageData
+from bitfleet.data import ImageData, carve_validation
 from bitfleet.data.specs import DATASET_SPECS
 from bitfleet.deploy import CandidateTiming, DeployLimits
 from bitfleet.protocol import Topics
@@ -22,6 +22,7 @@ from bitfleet.protocol.chunks import Reassembler
 from bitfleet.runtime_facts import RuntimeFacts
 from coordinator import candidates, delivery
 from coordinator.config import job_config_from_dict
+from coordinator.evaluation import HeldOut
 from coordinator.global_model import GlobalModel
 from tests.fleet_values import registration
 
@@ -64,8 +65,8 @@ def _deliver(
         job_id="j",
         assignments=dict.fromkeys(regs, Assignment("qat", 4, deploy_bits=8)),
         registrations=regs,
-        data=ImageData(x, y, x, y, spec),
-        held_out=held,
+        data=carve_validation(ImageData(x, y, x, y, spec), 0.25),
+        held_out=HeldOut(held, held),
         out_dir=out,
         source_round=0,
         timings=timings,

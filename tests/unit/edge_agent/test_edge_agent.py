@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 import torch
 
-from bitfleet.data import DATASET_SPECS, load_dataset
+from bitfleet.data import DATASET_SPECS, DEFAULT_VALIDATION_FRACTION, load_dataset
+from bitfleet.data.validation import validation_indices
 from bitfleet.models import create_model_for
 from bitfleet.profiles import detect_board, load_profile, load_profiles, profile_summary
 from bitfleet.protocol import (
@@ -257,12 +258,17 @@ def test_load_local_data_takes_part_i_of_n(
     assert len(whole_x) == len(whole_y) == N_TRAIN
 
     parts = [_local(f"fashion-mnist:{i}/3") for i in range(3)]
+    keep, held = validation_indices(N_TRAIN, DEFAULT_VALIDATION_FRACTION)
     seen: list[bytes] = []
     for x, y in parts:
-        assert len(x) == len(y) == N_TRAIN // 3
+        assert len(x) == len(y) == len(keep) // 3
         seen += [bytes(row.numpy()) for row in x]
-    # Disjoint parts that cover the data set, labels travelling with their images.
-    assert len(set(seen)) == len(seen) and set(seen) == {bytes(x.numpy()) for x in whole_x}
+    # Disjoint parts that cover the data set less the coordinator's validation images, labels
+    # travelling with their images.
+    kept = {bytes(x.numpy()) for x in whole_x[keep]}
+    assert len(set(seen)) == len(seen) and set(seen) == kept
+    assert not kept & {bytes(x.numpy()) for x in whole_x[held]}
+    whole_y = whole_y[keep]
     labels = np.concatenate([y.numpy() for _, y in parts])
     np.testing.assert_array_equal(np.bincount(labels), np.bincount(whole_y.numpy()))
     again = _local("fashion-mnist:1/3")
