@@ -85,6 +85,15 @@ class DetectRule:
     arch: str | None = None
 
 
+def check_budget(budget: object) -> float:
+    """`budget` if it is a bit budget: a number of bits per weight in [2, 8] (an int stays
+    one, so a stated 4 still reads as 4)."""
+    number = isinstance(budget, (int, float)) and type(budget) is not bool
+    if number and _BITS[0] <= budget <= _BITS[-1]:  # type: ignore[operator]
+        return budget  # type: ignore[return-value]
+    raise ValueError(f"expected bits per weight in {_BITS[0]}..{_BITS[-1]}, got {budget!r}")
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """One board kind's figures, as the coordinator and the simulator plan with them."""
@@ -118,9 +127,11 @@ class DeviceProfile:
     resnet18_int8_ms: float | None = None
     """ncnn's `resnet18_int8` latency on the same threads, where the table has one (ms); the
     scale for integer-kernel files. None: such files scale like float ones."""
-    budget_bits: int | None = None
-    """A bit budget stated outright (a fleet operator's choice, a simulated device); None: the
-    board's widths decide (`deploy_width`). Never in a shipped profile file."""
+    budget_bits: float | None = None
+    """A bit budget stated outright, in bits per weight at most (a fleet operator's choice, a
+    simulated device), in [2, 8] and fractional where a mix of layer widths may meet it
+    (2.5: FedMPQ may give some layers 3 bits, a uniform width gets 2); None: the board's
+    widths decide (`deploy_width`). Never in a shipped profile file."""
     path: str | None = field(default=None, compare=False)
 
     @property
@@ -132,7 +143,8 @@ class DeviceProfile:
         """The one rule for the bits this board trains its budget at and deploys at, among
         `allowed` (docs/allocation.md#deploy-width).
 
-        A stated `budget_bits` that `allowed` has wins: a limit someone set. Otherwise the
+        A stated `budget_bits` wins, as a limit someone set: the widest allowed width within it
+        (at most the budget; the narrowest allowed one where none is). Otherwise the
         widest allowed width, because no board here needs fewer bits: 8-bit weights of a
         ResNet-18 take 11 MB, under 1% of the smallest board's memory, and onnxruntime runs
         sub-8-bit Conv weights in float or on int8 kernels, so fewer bits buy no speed, only
@@ -141,8 +153,9 @@ class DeviceProfile:
         widths = sorted({int(b) for b in allowed})
         if not widths or any(b not in _BITS for b in widths):
             raise ValueError(f"allowed must name integer widths in 2..8, got {list(allowed)}")
-        if self.budget_bits in widths:
-            return int(self.budget_bits)
+        if self.budget_bits is not None:
+            within = [b for b in widths if b <= self.budget_bits]
+            return within[-1] if within else widths[0]
         return widths[-1]
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,8 +176,11 @@ class DeviceProfile:
             raise ProfileError(f"{source}: board must be a table, got {type(data).__name__}")
         raw = {k: v for k, v in data.items() if not (k in _OPTIONAL_FIELDS and v is None)}
         budget = raw.pop("budget_bits", None)
-        if budget is not None and (type(budget) is not int or budget not in _BITS):
-            raise ProfileError(f"{source}: key 'budget_bits': expected a width in 2..8")
+        if budget is not None:
+            try:
+                budget = check_budget(budget)
+            except ValueError as exc:
+                raise ProfileError(f"{source}: key 'budget_bits': {exc}") from None
         profile = _parse(raw, Path(source), check_name=False)
         return replace(profile, budget_bits=budget, path=None)
 

@@ -289,7 +289,14 @@ class Assigner:
 
     # -- FedMPQ ----------------------------------------------------------------------------
 
-    def _prune_grow(self, sparsity: Mapping[str, list[float]], budget: int) -> dict[str, int]:
+    def _budget(self, device: str, assignment: Assignment) -> float:
+        """A FedMPQ device's bit budget: its stated one (fractional ones included: "at most"
+        2.5 bits per weight), else its training width."""
+        reg = self.registrations.get(device)
+        stated = None if reg is None else reg.board.budget_bits
+        return assignment.bits if stated is None else float(stated)
+
+    def _prune_grow(self, sparsity: Mapping[str, list[float]], budget: float) -> dict[str, int]:
         full = {name: max(SUPPORTED_BITS) for name in self._sizes}
         return prune_grow(sparsity, self._sizes, budget, start=full)
 
@@ -308,7 +315,8 @@ class Assigner:
             return
         sparsity = plane_sparsity(model, max(SUPPORTED_BITS))
         for device, assignment in mpq.items():
-            revised = assignment.with_layer_bits(self._prune_grow(sparsity, assignment.bits))
+            budget = self._budget(device, assignment)
+            revised = assignment.with_layer_bits(self._prune_grow(sparsity, budget))
             with self._lock:
                 self._set(device, revised)
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bitfleet.profiles import load_profile
+from bitfleet.profiles import check_budget, load_profile
 from coordinator.config import JobConfigError, job_config_from_dict
 
 if sys.version_info >= (3, 11):
@@ -34,7 +34,7 @@ class SimDevice:
 
     id: str
     board: str
-    budget_bits: int | None = None
+    budget_bits: float | None = None
     slow_from_round: int | None = None
     slow_factor: float = 1.0
 
@@ -110,8 +110,11 @@ def load_experiment(path: str | Path) -> Experiment:
         except (FileNotFoundError, LookupError, ValueError) as exc:
             raise JobConfigError(f"{path}: simulate.devices[{i}].board: {exc}") from exc
         budget = group.get("budget_bits")
-        if budget is not None and budget not in range(2, 9):
-            raise JobConfigError(f"{path}: simulate.devices[{i}].budget_bits must be in 2..8")
+        if budget is not None:
+            try:
+                check_budget(budget)
+            except ValueError as exc:
+                raise JobConfigError(f"{path}: simulate.devices[{i}].budget_bits: {exc}") from None
         count = group.get("count", 1)
         if not isinstance(count, int) or count < 1:
             raise JobConfigError(f"{path}: simulate.devices[{i}].count must be a positive integer")

@@ -183,12 +183,13 @@ def _summary(methods: Mapping[str, dict], devices: list[SimDevice]) -> dict[str,
             "mqat_2_minus_fp_2": round(m["2"] - f["2"], 4),
         }
     if "fedmpq" in methods and "device_acc" in methods["fedmpq"]:
-        low = [d.id for d in devices if d.budget_bits == 2]
+        budgets = [d.budget_bits for d in devices if d.budget_bits is not None]
+        low = [d.id for d in devices if budgets and d.budget_bits == min(budgets)]
         means = {}
         for name, m in methods.items():
             if "device_acc" in m:
                 means[name] = {
-                    "mean_acc_2bit_devices": round(
+                    "mean_acc_lowest_budget_devices": round(
                         float(np.mean([m["device_acc"][d] for d in low])), 4
                     )
                     if low

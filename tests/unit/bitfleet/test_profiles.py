@@ -143,8 +143,12 @@ def test_to_dict_from_dict_round_trip(profiles):
         assert "budget_bits" not in data
         back = DeviceProfile.from_dict(data)
         assert back == board and back.path is None
-    budgeted = replace(profiles["rpi5"], budget_bits=4)
-    assert DeviceProfile.from_dict(budgeted.to_dict()) == budgeted
+    for budget in (4, 2.5):
+        budgeted = replace(profiles["rpi5"], budget_bits=budget)
+        assert DeviceProfile.from_dict(budgeted.to_dict()) == budgeted
+    for bad in (1.5, 9, "4", True, float("nan")):
+        with pytest.raises(ProfileError, match="budget_bits': expected bits per weight in 2..8"):
+            DeviceProfile.from_dict({**profiles["rpi5"].to_dict(), "budget_bits": bad})
 
 
 def test_from_dict_checks_the_speed_keys(profiles):

@@ -279,9 +279,12 @@ def test_one_rule_gives_each_board_its_deploy_width(allowed, expected) -> None:
     for board in profiles.values():
         width = board.deploy_width(allowed)
         assert width == max(allowed), (board.name, allowed)
-        # A stated budget wins where the job allows it, and only there.
+        # A stated budget wins.
         assert replace(board, budget_bits=min(allowed)).deploy_width(allowed) == min(allowed)
-        assert replace(board, budget_bits=7).deploy_width((4, 8)) == board.deploy_width((4, 8))
+        # At most the budget: the widest allowed width within it, else the narrowest.
+        assert replace(board, budget_bits=7).deploy_width((4, 8)) == 4
+        assert replace(board, budget_bits=2.5).deploy_width((2, 3, 4)) == 2
+        assert replace(board, budget_bits=2.5).deploy_width((4, 8)) == 4
         # The exporter's default and the coordinator's choice are that same rule.
         assert device_defaults(board) == (board.deploy_width(), board.preferred_storage)
         reg = replace(registration(board.name, board=board.name), board=board)

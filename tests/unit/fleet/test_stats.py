@@ -256,8 +256,8 @@ def test_write_mean_gives_captures_bootstrap_intervals(several):
     assert {"speed_capture", "acc_capture", "sum"} <= set(ablation["ci95"])
     assert ablation["bootstrap_dropped"]["sum"] == 0
     fedmpq = results["summary"]["fedmpq"]["fedmpq"]
-    assert fedmpq["mean_acc_2bit_devices"] == pytest.approx(0.75)
-    lo, hi = fedmpq["ci95"]["mean_acc_2bit_devices"]
+    assert fedmpq["mean_acc_lowest_budget_devices"] == pytest.approx(0.75)
+    lo, hi = fedmpq["ci95"]["mean_acc_lowest_budget_devices"]
     assert lo < 0.75 < hi
 
 
@@ -372,7 +372,7 @@ def test_the_report_shows_intervals_paired_differences_and_captures(several, tmp
     summary_row = md.split("## Summary")[1]
     assert "dropped resamples" in summary_row
     assert f"{cap['speed_capture']:.4f} [{speed_lo:.4f}, {speed_hi:.4f}]" in summary_row
-    assert "mean_acc_2bit_devices 0.7500 [" in summary_row
+    assert "mean_acc_lowest_budget_devices 0.7500 [" in summary_row
     assert '"ci95"' not in md and "| by_seed |" not in md  # no raw JSON of the intervals
 
     bits = md.split("## Accuracy by deployed bit-width")[1]
