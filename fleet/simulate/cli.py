@@ -38,6 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "each seed's own results",
     )
     p.add_argument(
+        "--methods",
+        type=lambda text: [n.strip() for n in text.split(",") if n.strip()],
+        metavar="NAME[,NAME...]",
+        help="run only these methods and ablations of the file (default: all of them)",
+    )
+    p.add_argument(
         "--recalibrate",
         action="store_true",
         help="time this host's training steps again before the run (default: the figures "
@@ -75,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         recalibrate=args.recalibrate,
         runner=args.runner,
+        only=args.methods,
     )
     for name, m in results["methods"].items():
         print(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,22 @@ class Experiment:
         """The job seeds a run repeats every method over: `[simulate.quick] seeds` in a quick
         run where given, else `[simulate] seeds`, else the job's own seed."""
         return self.quick_seeds if quick and self.quick_seeds else self.seeds
+
+    def only(self, names: Sequence[str]) -> Experiment:
+        """The same experiment with only the methods and ablations named (in the file's order);
+        an unknown name is an error that lists the known ones."""
+        known = [*self.methods, *self.ablations]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise JobConfigError(
+                f"{self.path}: no method or ablation {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(known)}"
+            )
+        methods = {n: o for n, o in self.methods.items() if n in names}
+        if not methods:
+            raise JobConfigError(f"{self.path}: --methods must name at least one method")
+        ablations = {n: o for n, o in self.ablations.items() if n in names}
+        return replace(self, methods=methods, ablations=ablations)
 
     def with_seed(self, seed: int) -> Experiment:
         """The same experiment with `[job] seed` set: another data split, initial model and

@@ -34,17 +34,20 @@ def run_experiment(
     seeds: Sequence[int] | None = None,
     recalibrate: bool = False,
     runner: str = "processes",
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run every method of an experiment file; write results.json, report.md and plots.
 
     With several seeds every method and ablation runs once per seed, each seed's own results
     go to `DIR/seed-N/`, and `DIR/results.json` holds their means (with each seed's figures
     under `by_seed`): a ranking of methods from one seed is often the seed's, not the
-    methods'.
+    methods'. `only` runs just the methods and ablations it names.
     """
     from .report import write_report
 
     exp = load_experiment(path)
+    if only:
+        exp = exp.only(only)
     seeds = _check_seeds(list(seeds), "--seeds") if seeds else exp.seeds_for(quick)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

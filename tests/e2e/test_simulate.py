@@ -197,6 +197,20 @@ def test_bad_experiment_files_say_what_is_wrong(tmp_path: Path, experiment: Path
         load_experiment(tmp_path / "missing.toml")
 
 
+def test_only_named_methods_and_ablations_run(experiment: Path, tmp_path: Path) -> None:
+    exp = load_experiment(experiment).only(["all_ptq", "xi=0.3"])
+    assert list(exp.methods) == ["all_ptq"] and list(exp.ablations) == ["xi=0.3"]
+    with pytest.raises(JobConfigError, match=r"no method or ablation 'magic'; known: fedhq"):
+        load_experiment(experiment).only(["magic"])
+    with pytest.raises(JobConfigError, match=r"at least one method"):
+        load_experiment(experiment).only(["xi=0.3"])
+    out = tmp_path / "only"
+    assert main(["simulate", "--config", str(experiment), "--out", str(out), "--quick",
+                 "--methods", "all_ptq"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["all_ptq"] and results["ablations"] == {}
+
+
 def test_in_process_bus_matches_topics_and_keeps_retained_messages() -> None:
     assert topic_matches("a/+/c", "a/b/c") and not topic_matches("a/+/c", "a/b/d")
     assert topic_matches("a/#", "a/b/c") and not topic_matches("a/+", "a/b/c")
