@@ -192,7 +192,23 @@ def _paired_table(paired: Any) -> list[str]:
             f"{_number(cap.get('bootstrap_dropped'))} resamples dropped as undefined). "
             f"{_cell(cap.get('verdict', ''))}.",
         ]
-    return lines if rows or isinstance(cap, Mapping) else []
+    figures = paired.get("figures")
+    if isinstance(figures, Mapping) and figures:
+        lines += [
+            "",
+            "The papers' figures, paired the same way (FedMPQ's mean accuracies per device "
+            "group, MQAT against float training at the narrowest widths):",
+            "",
+            "| method - reference: figure | n | difference |",
+            "|---|---|---|",
+        ]
+        for key, row in figures.items():
+            if isinstance(row, Mapping):
+                lines.append(
+                    f"| {_cell(key)} | {_number(row.get('n'))} | "
+                    f"{_bracketed(row.get('diff'), row.get('ci95'), _signed_accuracy)} |"
+                )
+    return lines if rows or isinstance(cap, Mapping) or figures else []
 
 
 def _bits_table(methods: Mapping[str, Mapping]) -> list[str]:

@@ -459,7 +459,57 @@ def _paired(methods: Mapping[str, dict], per_seed: Mapping[int, dict]) -> dict[s
     out: dict[str, Any] = {"differences": differences}
     if {_FEDHQ, _RANDOM_HYBRID, "all_qat", "all_ptq"} <= set(methods):
         out["capture_sum"] = _capture_sum_diff(per_seed)
+    if figures := _paired_figures(methods, per_seed):
+        out["figures"] = figures
     return out
+
+
+def _paired_figures(methods: Mapping[str, dict], per_seed: Mapping[int, dict]) -> dict[str, Any]:
+    """Paired differences of the figures the papers' claims are about, beside final_acc's:
+    FedMPQ's mean accuracies against fixed precision and all-8-bit (lowest-budget devices,
+    all devices), and each MQAT variant against float training at 2-bit weights and at the
+    lowest weight x activation width of the grid."""
+
+    def row(get: Callable[[Mapping[str, Any], str], Any], a: str, b: str) -> dict[str, Any]:
+        def by_seed(name: str) -> dict[int, Any]:
+            values = {}
+            for seed, r in per_seed.items():
+                try:
+                    values[seed] = get(r, name)
+                except (KeyError, TypeError):
+                    values[seed] = None
+            return values
+
+        d = paired_diff(by_seed(a), by_seed(b), LEVEL)
+        value = None if d is None else {"diff": round(d.estimate, 4), "ci95": d.pair(4), "n": d.n}
+        return {"method": a, "reference": b, **({"missing": True} if d is None else value)}
+
+    out: dict[str, Any] = {}
+    for ref in ("fixed", "all_8bit"):
+        if "fedmpq" in methods and ref in methods:
+            for key in ("mean_acc_lowest_budget_devices", "mean_acc_all_devices"):
+                out[f"fedmpq - {ref}: {key}"] = row(
+                    lambda r, name, key=key: r["summary"]["fedmpq"][name][key], "fedmpq", ref
+                )
+    if "fp" in methods:
+        grid = methods["fp"].get("acc_by_widths") or {}
+        lowest = min(grid, key=_width_order) if grid else None
+        for name in (n for n in methods if n.startswith("mqat")):
+            out[f"{name} - fp: 2-bit"] = row(
+                lambda r, m: r["methods"][m]["acc_by_bits"]["2"], name, "fp"
+            )
+            if lowest is not None and lowest in (methods[name].get("acc_by_widths") or {}):
+                out[f"{name} - fp: {lowest}"] = row(
+                    lambda r, m: r["methods"][m]["acc_by_widths"][lowest], name, "fp"
+                )
+    return out
+
+
+def _width_order(key: str) -> tuple[int, int]:
+    """ "W2A3" -> (3, 2): the activation width first, then the weight width, so the lowest key
+    is the narrowest activations at the narrowest weights."""
+    w, a = key[1:].split("A")
+    return int(a), int(w)
 
 
 def _capture_sum_diff(per_seed: Mapping[int, dict]) -> dict[str, Any]:

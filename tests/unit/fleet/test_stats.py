@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from fleet.simulate.experiment import SimDevice
-from fleet.simulate.report import write_report
-from fleet.simulate.results import _capture, _with_sum, _write, _write_mean
+from fleet.simulate.report import _paired_table, write_report
+from fleet.simulate.results import _capture, _paired_figures, _with_sum, _write, _write_mean
 from fleet.simulate.stats import bootstrap_ci, mean_ci, paired_diff, t_quantile
 
 # --- the statistics ----------------------------------------------------------------------------
@@ -386,3 +386,41 @@ def test_the_report_of_several_seeds_is_a_function_of_the_saved_json(several, tm
     write_report(json.loads(json.dumps(results)), tmp_path / "b")
     assert (tmp_path / "a" / "report.md").read_text() == (tmp_path / "b" / "report.md").read_text()
     assert not math.isnan(results["methods"]["fedhq"]["ci95"]["final_acc"][0])
+
+
+def test_the_papers_figures_are_paired_by_seed():
+    """FedMPQ against fixed precision on the lowest-budget devices, MQAT against float at the
+    narrowest weight x activation width: differences of the same seed, with t intervals."""
+    per_seed = {}
+    for s, (lift, grid_lift) in enumerate([(0.02, 0.08), (0.03, 0.10), (0.025, 0.09)]):
+        grid = {"W4A2": 0.6, "W2A4": 0.6, "W2A2": 0.5}
+        per_seed[s] = {
+            "methods": {
+                "fp": {"acc_by_bits": {"2": 0.70}, "acc_by_widths": grid},
+                "mqat_wa": {
+                    "acc_by_bits": {"2": 0.70 + lift},
+                    "acc_by_widths": {k: v + grid_lift for k, v in grid.items()},
+                },
+            },
+            "summary": {
+                "fedmpq": {
+                    "fedmpq": {"mean_acc_lowest_budget_devices": 0.80 + lift,
+                               "mean_acc_all_devices": 0.84},
+                    "fixed": {"mean_acc_lowest_budget_devices": 0.80,
+                              "mean_acc_all_devices": 0.84 - lift},
+                }
+            },
+        }  # fmt: skip
+    methods = {"fp": per_seed[0]["methods"]["fp"], "mqat_wa": {"acc_by_widths": {"W2A2": 0}},
+               "fedmpq": {}, "fixed": {}}  # fmt: skip
+    rows = _paired_figures(methods, per_seed)
+    low = rows["fedmpq - fixed: mean_acc_lowest_budget_devices"]
+    assert (low["method"], low["reference"], low["n"]) == ("fedmpq", "fixed", 3)
+    assert low["diff"] == pytest.approx(0.025) and low["ci95"][0] > 0
+    assert rows["mqat_wa - fp: W2A2"]["diff"] == pytest.approx(0.09)
+    assert rows["mqat_wa - fp: 2-bit"]["diff"] == pytest.approx(0.025)
+    assert "fedmpq - all_8bit: mean_acc_all_devices" not in rows  # no all_8bit run
+    del per_seed[1]["methods"]["mqat_wa"]["acc_by_widths"]
+    assert _paired_figures(methods, per_seed)["mqat_wa - fp: W2A2"]["n"] == 2
+    table = "\n".join(_paired_table({"figures": rows}))
+    assert "| mqat_wa - fp: W2A2 | 3 | +0.0900 [" in table
