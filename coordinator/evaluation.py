@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bitfleet.data import ImageData
+from bitfleet.data.validation import CALIB_SAMPLES
 from bitfleet.quant.modules import BitMap
 from bitfleet.training import evaluate
 
@@ -32,10 +33,6 @@ from .state import StateStore
 if TYPE_CHECKING:
     from .server import RoundReport
 
-
-CALIB_SAMPLES = 256
-"""Validation images that calibrate activation ranges, wherever the coordinator deploys a
-model: its evaluations and its exported candidates see the same ranges."""
 
 SPLITS = ("validation", "test")
 

@@ -12,10 +12,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bitfleet.assignment import Assignment
-from bitfleet.data import DATASET_SPECS, load_dataset
+from bitfleet.data import (
+    DATASET_SPECS,
+    DEFAULT_VALIDATION_FRACTION,
+    ImageData,
+    carve_validation,
+    load_dataset,
+)
+from bitfleet.data.validation import CALIB_SAMPLES
 from bitfleet.models import create_model_for
 from bitfleet.profiles import DeviceProfile, load_profile
-from bitfleet.quant import check_bits, set_bits
+from bitfleet.quant import check_bits
+from bitfleet.quant.activation import check_act_bits
 
 from .api import ExportResult, export_model
 
@@ -56,6 +64,10 @@ class ExportJob:
     def _data(self):  # noqa: ANN202 - ImageData, loaded only when needed
         return load_dataset(self.dataset, data_dir=self.data_dir)
 
+    act_bits: int | None = None
+    """The width the model's layer inputs are quantized at (its own grids, calibrated on the
+    validation images); None: float, or 8-bit ranges from `export` where `activations`."""
+
     def test_set(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         data = self._data()
         return data.test_x[:n].float().div(255).numpy(), data.test_y[:n].numpy()
@@ -64,7 +76,7 @@ class ExportJob:
         spec = DATASET_SPECS[self.dataset]
         samples = None
         if self.activations:
-            samples = self._data().train_x[:calib].float().div(255).numpy()
+            samples = calibration_images(self._data(), calib).float().div(255).numpy()
         return export_model(
             self.model,
             path,
@@ -76,7 +88,10 @@ class ExportJob:
         )
 
     def describe(self) -> str:
-        acts = "8-bit activations" if self.activations else "float activations"
+        if self.act_bits is not None:
+            acts = f"{self.act_bits}-bit activations (the model's own grids)"
+        else:
+            acts = "8-bit activations" if self.activations else "float activations"
         return f"{self.bits}-bit weights, {self.storage} storage, {acts}"
 
 
@@ -92,8 +107,12 @@ def load_for_export(
     storage: str | None = None,
     activations: str | None = None,
     data_dir: str | None = None,
+    act_bits: int | None = None,
 ) -> ExportJob:
-    """Build the model, load the checkpoint into it, and deploy it at the requested bits."""
+    """Build the model, load the checkpoint into it, and deploy it at the requested bits, with
+    `act_bits` activations where given (a model trained through quantized activations: QAT or
+    MQAT with `[allocation] act_bits`), their ranges calibrated on the validation images the
+    coordinator calibrates on too (`CALIB_SAMPLES` of them)."""
     if dataset not in DATASET_SPECS:
         raise ValueError(f"unknown data set {dataset!r}; known: {sorted(DATASET_SPECS)}")
     dev_bits, dev_storage = device_defaults(load_profile(device)) if device else (8, "int8")
@@ -114,9 +133,20 @@ def load_for_export(
             f"checkpoint {checkpoint} does not fit {model_name} on {dataset}: "
             f"{str(exc).splitlines()[0]} (another architecture? pass --model)"
         ) from None
-    method.deploy(model, bits)
+    widths: int | dict[str, int] = bits
     if per_layer_bits:
-        set_bits(
-            model, {k: int(v) for k, v in json.loads(Path(per_layer_bits).read_text()).items()}
-        )
-    return ExportJob(model.eval(), dataset, bits, storage, acts, strategy, data_dir)
+        widths = {k: int(v) for k, v in json.loads(Path(per_layer_bits).read_text()).items()}
+    job = ExportJob(model, dataset, bits, storage, acts, strategy, data_dir, act_bits)
+    calib = None
+    if act_bits is not None:
+        check_act_bits(act_bits)
+        calib = calibration_images(job._data(), CALIB_SAMPLES)
+    method.deploy(model, widths, act_bits=act_bits, calib=calib)
+    job.model = model.eval()
+    return job
+
+
+def calibration_images(data: ImageData, n: int) -> torch.Tensor:
+    """The first `n` images of the data set's validation split (`carve_validation` at the
+    default fraction): what the coordinator calibrates activation ranges on as well."""
+    return carve_validation(data, DEFAULT_VALIDATION_FRACTION).val_x[:n]

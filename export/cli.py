@@ -28,6 +28,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--device", metavar="PROFILE", help="board profile, e.g. rpi4, rpi5")
     exp.add_argument("--per-layer-bits", metavar="FILE", help="JSON {layer: bits} (FedMPQ)")
     exp.add_argument("--activations", choices=["8", "float"], help="default: 8 with int8 storage")
+    exp.add_argument(
+        "--act-bits",
+        type=int,
+        metavar="A",
+        help="activation width the model was trained through (2..8; default: the job's "
+        "[allocation] act_bits, float where that is 32): the file quantizes every quantized "
+        "layer's input on the model's own grid, calibrated on the first 256 validation images",
+    )
     exp.add_argument("--storage", choices=["int8", "packed"], help="default: from --device, int8")
     exp.add_argument("--calib", type=int, default=256, metavar="N", help="calibration samples")
     exp.add_argument("--verify", action="store_true", help="compare with PyTorch in onnxruntime")
@@ -104,6 +112,8 @@ def run_export(args: argparse.Namespace) -> int:
         if args.strategy != "ptq"
         else job.get("allocation", {}).get("strategy", "ptq")
     )
+    job_act = job.get("allocation", {}).get("act_bits", 32)
+    act_bits = args.act_bits if args.act_bits is not None else (None if job_act == 32 else job_act)
     try:
         loaded = load_for_export(
             ckpt,
@@ -116,6 +126,7 @@ def run_export(args: argparse.Namespace) -> int:
             storage=args.storage,
             activations=args.activations,
             data_dir=args.data_dir,
+            act_bits=act_bits,
         )
     except SafetensorError as exc:  # the only file format read_state parses
         raise ValueError(f"--checkpoint {ckpt}: not a safetensors checkpoint ({exc})") from None

@@ -21,6 +21,11 @@ from bitfleet.data.image_data import ImageData
 DEFAULT_VALIDATION_FRACTION = 0.1
 """Keras's `validation_split` convention; 6,000 Fashion-MNIST images."""
 
+CALIB_SAMPLES = 256
+"""Validation images that calibrate activation ranges, wherever a model is deployed with
+quantized activations (the coordinator's evaluations and candidates, `bitfleet export`): every
+one of them sees the same ranges."""
+
 _SEED = 0x5EED
 
 

@@ -213,6 +213,33 @@ def test_cli_exports_and_verifies_a_checkpoint(
     assert out.stat().st_size > 0
 
 
+@pytest.mark.parametrize(("bits", "act_bits"), [(2, 2), (4, 3)])
+def test_cli_exports_a_checkpoint_trained_through_quantized_activations(
+    bits: int,
+    act_bits: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--act-bits`: the file quantizes the layer inputs on the model's own grids (calibrated on
+    the validation images, as the coordinator's), and PyTorch and onnxruntime agree on it."""
+    monkeypatch.setenv("BITFLEET_DATA_DIR", str(make_tiny_fmnist(tmp_path / "data", 300, 200)))
+    ckpt = tmp_path / "lenet.safetensors"
+    save_file(
+        {k: v.contiguous() for k, v in create_model("lenet5").state_dict().items()}, str(ckpt)
+    )
+    out = tmp_path / "m.onnx"
+    code = main(["export", "--checkpoint", str(ckpt), "--bits", str(bits), "--act-bits",
+                 str(act_bits), "--strategy", "qat", "--out", str(out), "--verify",
+                 "--verify-samples", "200"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"{bits}-bit weights, int8 storage, {act_bits}-bit activations" in printed
+    assert "top-1 agreement 1.0000" in printed
+    kinds = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in kinds and "Clip" in kinds  # activations below 8 bits: Q/DQ
+
+
 def tiny_wa(bits: int, act_bits: int, method=None) -> nn.Module:  # noqa: ANN001
     model = tiny(32)
     method = method or PTQ(scale_method="mse")
