@@ -355,7 +355,7 @@ def test_the_report_shows_intervals_paired_differences_and_captures(several, tmp
     lo, hi = fedhq["ci95"]["final_acc"]
     cells = row(md, "fedhq")  # the first fedhq row: the methods table
     assert cells[2] == f"{fedhq['final_acc']:.4f} ± {(hi - lo) / 2:.4f}"
-    assert cells[4].startswith(f"{fedhq['sim_seconds']:.1f} ± ")
+    assert cells[5].startswith(f"{fedhq['sim_seconds']:.1f} ± ")
 
     assert "## Paired differences over seeds" in md
     assert "| method - reference | n | acc at deploy bits | simulated s |" in md
