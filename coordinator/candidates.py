@@ -28,13 +28,13 @@ import numpy as np
 from bitfleet import plugins
 from bitfleet.assignment import Assignment
 from bitfleet.data import ImageData
+from bitfleet.data.validation import calibration_images
 from bitfleet.deploy import CANDIDATE_KINDS, CandidateTiming, candidate_kinds, planned_width
 from bitfleet.protocol import Topics, make_message, split_payload
 from bitfleet.registration import Registration
 from bitfleet.runtime_facts import OPSET_INT2
 
 from .config import JobConfig
-from .evaluation import calibration_images
 from .global_model import GlobalModel, StateDict
 from .intake import Intake
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bitfleet.data import ImageData
-from bitfleet.data.validation import CALIB_SAMPLES
+from bitfleet.data.validation import calibration_images
 from bitfleet.quant.modules import BitMap
 from bitfleet.training import evaluate
 
@@ -35,14 +35,6 @@ if TYPE_CHECKING:
 
 
 SPLITS = ("validation", "test")
-
-
-def calibration_images(data: ImageData) -> torch.Tensor:
-    """The images activation ranges are calibrated on: the coordinator's own (validation), not
-    the devices' training data, which a real coordinator never holds."""
-    if data.val_x is None:
-        raise ValueError("the data have no validation split (carve_validation)")
-    return data.val_x[:CALIB_SAMPLES]
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,10 @@ from bitfleet.assignment import Assignment
 from bitfleet.data import (
     DATASET_SPECS,
     DEFAULT_VALIDATION_FRACTION,
-    ImageData,
     carve_validation,
     load_dataset,
 )
-from bitfleet.data.validation import CALIB_SAMPLES
+from bitfleet.data.validation import calibration_images
 from bitfleet.models import create_model_for
 from bitfleet.profiles import DeviceProfile, load_profile
 from bitfleet.quant import check_bits
@@ -62,7 +61,9 @@ class ExportJob:
     data_dir: str | None = None
 
     def _data(self):  # noqa: ANN202 - ImageData, loaded only when needed
-        return load_dataset(self.dataset, data_dir=self.data_dir)
+        """The data set, its validation split carved as the coordinator carves it."""
+        data = load_dataset(self.dataset, data_dir=self.data_dir)
+        return carve_validation(data, DEFAULT_VALIDATION_FRACTION)
 
     act_bits: int | None = None
     """The width the model's layer inputs are quantized at (its own grids, calibrated on the
@@ -112,7 +113,7 @@ def load_for_export(
     """Build the model, load the checkpoint into it, and deploy it at the requested bits, with
     `act_bits` activations where given (a model trained through quantized activations: QAT or
     MQAT with `[allocation] act_bits`), their ranges calibrated on the validation images the
-    coordinator calibrates on too (`CALIB_SAMPLES` of them)."""
+    coordinator calibrates on too (`bitfleet.data.validation.calibration_images`)."""
     if dataset not in DATASET_SPECS:
         raise ValueError(f"unknown data set {dataset!r}; known: {sorted(DATASET_SPECS)}")
     dev_bits, dev_storage = device_defaults(load_profile(device)) if device else (8, "int8")
@@ -140,13 +141,7 @@ def load_for_export(
     calib = None
     if act_bits is not None:
         check_act_bits(act_bits)
-        calib = calibration_images(job._data(), CALIB_SAMPLES)
+        calib = calibration_images(job._data())
     method.deploy(model, widths, act_bits=act_bits, calib=calib)
     job.model = model.eval()
     return job
-
-
-def calibration_images(data: ImageData, n: int) -> torch.Tensor:
-    """The first `n` images of the data set's validation split (`carve_validation` at the
-    default fraction): what the coordinator calibrates activation ranges on as well."""
-    return carve_validation(data, DEFAULT_VALIDATION_FRACTION).val_x[:n]

@@ -29,6 +29,14 @@ one of them sees the same ranges."""
 _SEED = 0x5EED
 
 
+def calibration_images(data: ImageData, n: int = CALIB_SAMPLES) -> torch.Tensor:
+    """The first `n` validation images of carved `data`: what activation ranges are
+    calibrated on, the coordinator's own images, not the devices' training data."""
+    if data.val_x is None:
+        raise ValueError("the data have no validation split (carve_validation)")
+    return data.val_x[:n]
+
+
 def check_fraction(fraction: float) -> float:
     """`fraction` if it holds back some but at most half of the training images."""
     if type(fraction) not in (int, float) or not 0 < fraction <= 0.5:
